@@ -330,7 +330,12 @@ SEND = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     client=st.booleans(),
     sends=st.lists(SEND, max_size=8),
@@ -615,6 +620,19 @@ def test_masking_a_slice_of_a_larger_buffer(mask_fn) -> None:
     key = b"\x00\xff\x0f\xf0"
     view = memoryview(bytearray(data))[3:777]
     assert bytes(mask_fn(view, key)) == reference_mask(data[3:777], key)
+
+
+def test_pure_python_fallback_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without websockets' C masking, frames still round-trip with wsproto."""
+    monkeypatch.setattr(frames, "apply_mask", frames._xor_mask)
+    payload = payload_for(OP_BINARY, 70001, seed=9)
+    wire = encode_frame(OP_BINARY, payload, mask=True)
+    assert wsproto_frames(wire, client=False) == [(Opcode.BINARY, payload)]
+    theirs = bytes(FrameProtocol(client=True, extensions=[]).send_data(payload, fin=True))
+    rng = random.Random(10)
+    cuts = sorted(rng.sample(range(1, len(theirs)), 50))
+    chunks = [theirs[a:b] for a, b in zip([0, *cuts], [*cuts, len(theirs)])]
+    assert read(FrameReader(masked=True), chunks) == [Data(payload)]
 
 
 def test_fast_mask_is_active_when_websockets_is_installed() -> None:
