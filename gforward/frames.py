@@ -32,8 +32,9 @@ MAX_CONTROL_PAYLOAD = 125
 
 _DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
-# RFC 6455 section 7.4: codes an endpoint may send in a Close frame.
-_SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011))
+# RFC 6455 section 7.4 plus IANA's 1012 (service restart) and 1013 (try again
+# later), as wsproto accepts them: codes an endpoint may send in a Close frame.
+_SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -100,12 +101,19 @@ def frame_header(opcode: int, length: int, mask_key: bytes | None = None) -> byt
     return header + mask_key if mask_key is not None else header
 
 
-def encode_frame(opcode: int, payload: Buffer, *, mask: bool) -> bytes:
-    """One final frame; a client masks with a fresh random key per frame (5.3)."""
+def frame_parts(opcode: int, payload: Buffer, *, mask: bool) -> tuple[bytes, Buffer]:
+    """Header and payload of one final frame, kept apart so that a vectored send
+    need not copy the payload; a client masks with a fresh key per frame (5.3)."""
     if not mask:
-        return frame_header(opcode, len(payload)) + payload
+        return frame_header(opcode, len(payload)), payload
     key = os.urandom(4)
-    return frame_header(opcode, len(payload), key) + apply_mask(payload, key)
+    return frame_header(opcode, len(payload), key), apply_mask(payload, key)
+
+
+def encode_frame(opcode: int, payload: Buffer, *, mask: bool) -> bytes:
+    """One final frame as a single bytes object."""
+    header, body = frame_parts(opcode, payload, mask=mask)
+    return header + body
 
 
 def close_payload(code: int, reason: str = "") -> bytes:

@@ -207,7 +207,6 @@ def expected_events(opcode: int, payload: bytes) -> list:
     return [Data(payload)] if payload else []
 
 
-
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
 @pytest.mark.parametrize(("opcode", "size"), CASES)
 def test_wsproto_frame_parses_in_reader(client: bool, opcode: int, size: int) -> None:
@@ -305,9 +304,7 @@ def test_fragmented_message_with_interleaved_control_frames(client: bool) -> Non
 def test_fragmented_text_message_in_order(client: bool) -> None:
     proto = FrameProtocol(client=client, extensions=[])
     words = [f"part {i};" for i in range(50)]
-    wire = b"".join(
-        bytes(proto.send_data(w, fin=i == len(words) - 1)) for i, w in enumerate(words)
-    )
+    wire = b"".join(bytes(proto.send_data(w, fin=i == len(words) - 1)) for i, w in enumerate(words))
     assert read(FrameReader(masked=client), [wire]) == [Data("".join(words).encode())]
 
 
@@ -339,8 +336,9 @@ SEND = st.one_of(
 @given(
     client=st.booleans(),
     sends=st.lists(SEND, max_size=8),
-    close=st.one_of(st.none(), st.tuples(st.sampled_from([1000, 1001, 3000, 4999]), st.text(
-        max_size=30))),
+    close=st.one_of(
+        st.none(), st.tuples(st.sampled_from([1000, 1001, 3000, 4999]), st.text(max_size=30))
+    ),
     data=st.data(),
 )
 def test_wsproto_stream_in_random_chunks(client, sends, close, data) -> None:
@@ -576,11 +574,7 @@ def test_close_code_validity_agrees_with_wsproto() -> None:
             return False
         return True
 
-    # 1012 and 1013 (IANA-registered, not in RFC 6455): wsproto takes them, we do not.
-    differ = [
-        code for code in range(0, 6000) if code not in (1012, 1013)
-        and wsproto_accepts(code) != we_accept(code)
-    ]
+    differ = [code for code in range(0, 6000) if wsproto_accepts(code) != we_accept(code)]
     assert differ == []
 
 

@@ -226,8 +226,7 @@ def test_wrong_accept_key() -> None:
 def test_101_without_accept_key() -> None:
     client = make_client()
     answer = (
-        b"HTTP/1.1 101 Switching Protocols\r\n"
-        b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     )
     with pytest.raises(HandshakeError, match="101 Switching Protocols"):
         client.receive(answer)
