@@ -34,7 +34,7 @@ import time
 from typing import Callable
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -180,13 +180,26 @@ class Pump:
 
     def _send(self, opcode: int, payload: Buffer) -> bool:
         """Write one frame, serialised: a pong must not land inside a data frame."""
-        frame = frames.encode_frame(opcode, payload, mask=self.client)
+        header, body = frames.frame_parts(opcode, payload, mask=self.client)
         with self._write_lock:
             if self._close_sent:
                 return False
             self._close_sent = opcode == OP_CLOSE
-            self.ws.sendall(frame)
+            _send_vectored(self.ws, header, body)
         return True
+
+
+def _send_vectored(sock: socket.socket, header: bytes, body: Buffer) -> None:
+    """sendall(header + body) without building that copy (one sendmsg, usually)."""
+    if isinstance(sock, ssl.SSLSocket):  # TLS sockets have no sendmsg
+        sock.sendall(header + body)
+        return
+    sent = sock.sendmsg((header, body))
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(body):
+        sock.sendall(memoryview(body)[sent - len(header) :])
 
 
 def _reset(sock: socket.socket) -> None:
