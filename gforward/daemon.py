@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import fnmatch
 import hmac
-import ipaddress
 import logging
 import re
 import sys
@@ -26,9 +25,15 @@ import gevent
 from gevent import socket, ssl
 
 from . import dial, handshake
+from .credentials import read_token_file
 from .errors import ForwardError, SpecError
 from .listen import ListeningSocket, listen_tcp, listen_unix
-from .mapping import AddressMapping, parse_address_mapping, parse_remote_target
+from .mapping import (
+    AddressMapping,
+    is_loopback_host,
+    parse_address_mapping,
+    parse_remote_target,
+)
 from .pump import Pump
 from .service import Binder, Connection, Service, serve_until_signalled
 
@@ -145,19 +150,17 @@ class Daemon(Service):
         if self._allow:
             target = upstream.remote_target()
             return any(fnmatch.fnmatchcase(target, pattern) for pattern in self._allow)
-        if upstream.remote_unix() or upstream.remote_host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(upstream.remote_host).is_loopback
-        except ValueError:
-            return False
+        return upstream.remote_unix() or is_loopback_host(upstream.remote_host)
 
 
 def _listen_address(text: str) -> AddressMapping:
     """HOST:PORT (or [V6]:PORT) for --listen, parsed as a spec's listen side."""
-    mapping = parse_address_mapping(f"{text}:127.0.0.1:1")
-    if mapping.listen_unix():
-        raise SpecError(f"invalid listen address {text!r}: use --unix for unix sockets")
+    try:
+        mapping = parse_address_mapping(f"{text}:127.0.0.1:1")
+    except SpecError:
+        mapping = AddressMapping(text)
+    if mapping.listen_unix() or not mapping.listen_addr:
+        raise SpecError(f"invalid listen address {text!r}: expected HOST:PORT (--unix for paths)")
     return mapping
 
 
@@ -196,13 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --listen HOST:PORT and/or --unix PATH")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    token = args.token
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            parser.error(f"cannot read --token-file: {exc}")
+    try:
+        token = read_token_file(args.token_file) if args.token_file else args.token
+        for address in args.listen:
+            _listen_address(address)  # a bad one is a usage error, before anything binds
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s", stream=sys.stderr)
 

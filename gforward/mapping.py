@@ -229,3 +229,13 @@ def _is_printable_ascii(text: str) -> bool:
 def join_host_port(host: str, port: int) -> str:
     """host:port as people and HTTP headers write it, IPv6 in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine: "localhost" or a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

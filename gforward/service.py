@@ -234,13 +234,16 @@ def serve_until_signalled(launch: Callable[[], _S], announce: Callable[[_S], Non
     mask) and taken with sigwait, so no handler ever runs inside the hub.
     """
     stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    service = launch()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
-        announce(service)
-        signal.sigwait(stop)
+        service = launch()
+        try:
+            announce(service)
+            signal.sigwait(stop)
+        finally:
+            service.close()
     finally:
-        service.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @atexit.register

@@ -42,7 +42,7 @@ class _UnixEcho(socketserver.ThreadingUnixStreamServer):
 
 
 def _serve(server: socketserver.BaseServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield

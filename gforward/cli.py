@@ -1,0 +1,135 @@
+"""The `gforward` command: arguments, environment, exit codes; the library does the rest.
+
+    gforward sbox-1 8080:127.0.0.1:80 --url http://192.168.1.10:8080 --token-file ~/.slicer/token
+
+Exit status: 0 after SIGINT or SIGTERM, 1 when a listener cannot bind, 2 for
+bad arguments (specs, URL, token file included), as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+from .credentials import read_token_file
+from .endpoint import parse_base_url
+from .errors import ForwardError
+from .forwarder import Forwarder, Options, start
+from .mapping import is_loopback_host, parse_address_mapping
+from .service import serve_until_signalled
+
+PROG = "gforward"
+
+
+def _is_wildcard(spec: str) -> bool:
+    """Whether the spec listens on every interface (0.0.0.0, ::), exposing the VM's port."""
+    host = parse_address_mapping(spec).listen_addr
+    try:
+        return bool(host) and ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type for --dial-timeout: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The options of `slicer vm forward`, plus ssh's -L for those whose fingers know it."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Forward local TCP ports and unix sockets into a Slicer microVM.",
+        epilog="SPEC is [LISTEN_HOST:]PORT:REMOTE_HOST:PORT, HOST:PORT, or a unix socket path "
+               "on either side (e.g. 8080:127.0.0.1:80, /tmp/docker.sock:/var/run/docker.sock). "
+               "Flags take precedence over SLICER_URL, SLICER_TOKEN and SLICER_TOKEN_FILE.",
+    )
+    parser.add_argument("vm", metavar="VM", help="name of the microVM, e.g. sbox-1")
+    parser.add_argument("specs", metavar="SPEC", nargs="*", help="what to forward")
+    parser.add_argument("-L", dest="extra_specs", metavar="SPEC", action="append", default=[],
+                        help="what to forward, ssh style; repeatable")
+    parser.add_argument("--url", help="daemon URL: http(s)://host:port[/prefix], unix:///path "
+                                      "or a socket path (env SLICER_URL)")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", help="bearer token (env SLICER_TOKEN)")
+    auth.add_argument("--token-file", metavar="FILE",
+                      help="read the bearer token from FILE (env SLICER_TOKEN_FILE)")
+    parser.add_argument("--dial-timeout", type=_positive_seconds, metavar="SECONDS",
+                        help="bound on connect + TLS + upgrade per tunnel (default 10)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every tunnel opening and closing on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _token(args: argparse.Namespace) -> str:
+    """Flag over environment; a token given directly over a token file at the same level."""
+    if args.token is not None:
+        return str(args.token)
+    if args.token_file is not None:
+        return read_token_file(args.token_file)
+    if os.environ.get("SLICER_TOKEN"):
+        return os.environ["SLICER_TOKEN"]
+    if os.environ.get("SLICER_TOKEN_FILE"):
+        return read_token_file(os.environ["SLICER_TOKEN_FILE"])
+    return ""
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, apart from stdout, which holds only the listener lines."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `gforward` and `python -m gforward`; returns the exit status."""
+    parser = _parser()
+    # intermixed: `VM -L SPEC SPEC` would otherwise leave the last SPEC unrecognised
+    args = parser.parse_intermixed_args(argv)
+    specs: list[str] = [*args.specs, *args.extra_specs]
+    if not specs:
+        parser.error("no SPEC given: nothing to forward")
+    url = args.url or os.environ.get("SLICER_URL", "")
+    if not url:
+        parser.error("no daemon URL: pass --url or set SLICER_URL")
+    try:
+        token = _token(args)
+        endpoint = parse_base_url(url)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("gforward").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if token and endpoint.scheme == "http" and not is_loopback_host(endpoint.host):
+        _warn(f"the token travels unencrypted to {endpoint.describe()}: use https://")
+    options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token)
+    if args.dial_timeout is not None:
+        options.dial_timeout = args.dial_timeout
+
+    def announce(forwarder: Forwarder) -> None:
+        """Runs once every listener is bound, so the lines carry the real ports."""
+        for listener in forwarder.listeners:
+            print(f"{listener.local} -> {args.vm} {listener.remote}", flush=True)
+        exposed = [ln.local for ln in forwarder.listeners if _is_wildcard(ln.spec)]
+        if exposed:
+            _warn(f"listening on all interfaces ({', '.join(exposed)}): anyone who can reach "
+                  f"this machine can reach {args.vm}; prefix the spec with 127.0.0.1: to keep "
+                  "it local")
+
+    try:
+        serve_until_signalled(lambda: start(options), announce)
+    except ValueError as exc:  # SpecError included: bad input, whatever stage found it
+        parser.error(str(exc))
+    except (ForwardError, OSError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,405 @@
+"""The reference daemon as users run it (`python -m gforward.daemon`) and as they import it.
+
+Loopback only: refused upstreams use documentation and private addresses
+that the daemon must turn down before it dials anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Callable
+from urllib.parse import urlsplit
+
+import pytest
+
+import gforward
+import gforward.daemon
+from tests.conftest import echo_once
+
+READ_TIMEOUT = 15.0  # a slow CI machine still starts a Python process in this time
+TOKEN = "daemon-token-7c1e"
+
+
+# Running programs ---------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without SLICER_* or proxies, so only the test's settings count."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLICER_") and not k.lower().endswith("_proxy")}
+    env.update(extra)
+    return env
+
+
+class Program:
+    """A subprocess under test: stdout lines read with a timeout, stderr collected."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=clean_env() if env is None else env, cwd=cwd, text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.popen.stdout, self._on_out),
+                             daemon=True),
+            threading.Thread(target=self._read, args=(self.popen.stderr, self._err.append),
+                             daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _on_out(self, line: str | None) -> None:
+        if line is not None:
+            self._out.append(line)
+        self._lines.put(line)
+
+    @staticmethod
+    def _read(stream: IO[str], sink: Callable[[str | None], None]) -> None:
+        for line in stream:
+            sink(line)
+        sink(None)  # EOF; harmless on stderr, where None is never joined
+        stream.close()
+
+    def readline(self, timeout: float = READ_TIMEOUT) -> str:
+        """The next stdout line; fails the test (with stderr) on timeout or exit."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output from {self.args} in {timeout}s; "
+                                 f"stderr: {self.stderr!r}") from None
+        if line is None:
+            self.popen.wait(READ_TIMEOUT)
+            raise AssertionError(f"{self.args} exited {self.popen.returncode} early; "
+                                 f"stderr: {self.stderr!r}")
+        return line.rstrip("\n")
+
+    def finish(self, timeout: float = READ_TIMEOUT) -> int:
+        """Wait for the exit status, and for all of its output."""
+        status = self.popen.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return status
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Deliver `sig` as a user would and return the exit status."""
+        self.popen.send_signal(sig)
+        return self.finish()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(line for line in self._err if line is not None)
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(READ_TIMEOUT)
+        for reader in self._readers:
+            reader.join(READ_TIMEOUT)
+
+
+class Programs:
+    """Every program a test starts, each killed at the end whatever happened."""
+
+    def __init__(self) -> None:
+        self._all: list[Program] = []
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            cwd: str | None = None) -> Program:
+        program = Program(list(args), env, cwd)
+        self._all.append(program)
+        return program
+
+    def daemon(self, *args: str, listeners: int = 1) -> tuple[Program, list[str]]:
+        """`python -m gforward.daemon ARGS`, once it has announced its `listeners` URLs."""
+        program = self.run(sys.executable, "-m", "gforward.daemon", *args)
+        urls = []
+        for _ in range(listeners):
+            line = program.readline()
+            assert line.startswith("listening on "), line
+            urls.append(line[len("listening on "):])
+        return program, urls
+
+    def close(self) -> None:
+        for program in self._all:
+            program.close()
+
+
+@pytest.fixture
+def programs() -> Iterator[Programs]:
+    every = Programs()
+    try:
+        yield every
+    finally:
+        every.close()
+
+
+# Talking to a daemon ------------------------------------------------------
+
+
+def upgrade(url: str, upstream: str, *, token: str | None = None,
+            path: str = "/vm/sbox-1/forward") -> tuple[int, str]:
+    """One upgrade request written by hand: the answer's status code and body."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    lines = [
+        f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", "Upgrade: websocket",
+        "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13", f"X-Inlets-Upstream: {upstream}",
+        "X-Inlets-Mode: local", "X-Inlets-Client-ID: test",
+    ]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:  # a refusal ends with the connection
+            while data := sock.recv(4096):
+                body += data
+    return status, body.decode("utf-8", "replace")
+
+
+def forward_echo(base_url: str, upstream: str, *, token: str = "",
+                 payload: bytes = b"ping " * 2000) -> bytes:
+    """Send `payload` through gforward (in-process) and the daemon to `upstream`."""
+    with gforward.start(base_url=base_url, token=token, vm_name="sbox-1",
+                        specs=[f"127.0.0.1:0:{upstream}"]) as fwd:
+        return echo_once(("127.0.0.1", fwd.listeners[0].port), payload)
+
+
+def tunnel_fails(base_url: str, upstream: str, *, token: str = "") -> bool:
+    """Whether gforward closes the local connection without echoing (a failed tunnel)."""
+    try:
+        return forward_echo(base_url, upstream, token=token, payload=b"lost") == b""
+    except ConnectionResetError:  # closed with our bytes unread: also a failed tunnel
+        return True
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# The command line ---------------------------------------------------------
+
+
+def test_prints_real_url_then_forwards(programs: Programs, echo_server: str) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.hostname) == ("http", "127.0.0.1")
+    assert parts.port not in (None, 0)
+    assert forward_echo(url, echo_server) == b"ping " * 2000
+
+
+@pytest.mark.parametrize("prefix", ["/api", "/some/deeper/prefix/"])
+def test_serves_under_any_path_prefix(programs: Programs, echo_server: str, prefix: str) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    assert forward_echo(url + prefix, echo_server, payload=b"prefixed") == b"prefixed"
+    assert upgrade(url, echo_server, path=f"{prefix.rstrip('/')}/vm/x/forward")[0] == 101
+    assert upgrade(url, echo_server, path="/vm/x/elsewhere")[0] == 404
+
+
+@pytest.mark.parametrize("how", ["--token", "--token-file"])
+def test_bearer_token_is_required(programs: Programs, echo_server: str, tmp_path: Path,
+                                  how: str) -> None:
+    if how == "--token":
+        value = TOKEN
+    else:
+        value = str(tmp_path / "token")
+        Path(value).write_text(f"  {TOKEN}\n\n")
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", how, value)
+    assert upgrade(url, echo_server)[0] == 401
+    assert upgrade(url, echo_server, token=TOKEN + "x")[0] == 401
+    assert upgrade(url, echo_server, token="")[0] == 401
+    assert forward_echo(url, echo_server, token=TOKEN, payload=b"authorised") == b"authorised"
+    assert tunnel_fails(url, echo_server, token="wrong")
+
+
+def test_502_with_a_reason_when_the_upstream_cannot_be_dialled(programs: Programs) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    port = closed_port()
+    status, body = upgrade(url, f"127.0.0.1:{port}")
+    assert status == 502
+    assert f"127.0.0.1:{port}" in body and "refused" in body.lower()
+    assert len(body) < 300
+
+
+@pytest.mark.parametrize("upstream", ["10.0.0.1:80", "192.0.2.1:22", "[2001:db8::1]:80",
+                                      "slicer.invalid:80"])
+def test_non_loopback_upstreams_are_refused_before_any_dial(programs: Programs,
+                                                            upstream: str) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    began = time.monotonic()
+    status, body = upgrade(url, upstream)
+    assert status == 403, body
+    assert time.monotonic() - began < 5  # a dial to a dead address would take DIAL_TIMEOUT
+
+
+def test_loopback_and_unix_upstreams_are_allowed_by_default(
+    programs: Programs, echo_server: str, unix_echo_server: str
+) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    port = echo_server.rsplit(":", 1)[1]
+    assert upgrade(url, f"localhost:{port}")[0] in (101, 502)  # allowed; 502 if ::1 tried only
+    assert upgrade(url, f"127.0.0.2:{closed_port()}")[0] == 502  # allowed, dialled, refused
+    assert forward_echo(url, unix_echo_server, payload=b"via unix") == b"via unix"
+
+
+def test_allow_patterns_replace_the_default(
+    programs: Programs, echo_server: str, unix_echo_server: str
+) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "127.0.0.1:*")
+    port = echo_server.rsplit(":", 1)[1]
+    assert forward_echo(url, echo_server, payload=b"allowed") == b"allowed"
+    assert upgrade(url, f"localhost:{port}")[0] == 403
+    assert upgrade(url, f"unix:{unix_echo_server}")[0] == 403
+    assert upgrade(url, "10.0.0.1:80")[0] == 403
+
+
+def test_allow_can_open_a_non_loopback_pattern_only(programs: Programs) -> None:
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "192.0.2.7:9")
+    assert upgrade(url, "192.0.2.8:9")[0] == 403
+    assert upgrade(url, "127.0.0.1:9")[0] == 403
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_unix_socket_listener(programs: Programs, echo_server: str, short_tmp: str,
+                              as_url: bool) -> None:
+    path = os.path.join(short_tmp, "daemon.sock")
+    daemon, urls = programs.daemon("--listen", "127.0.0.1:0", "--unix", path, listeners=2)
+    assert urls[0].startswith("http://127.0.0.1:")
+    assert urls[1] == f"unix://{path}"
+    base_url = urls[1] if as_url else path
+    assert forward_echo(base_url, echo_server, payload=b"over unix") == b"over unix"
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not os.path.exists(path)
+
+
+def test_tls(programs: Programs, echo_server: str, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--tls-cert", str(cert_path),
+                               "--tls-key", str(key_path))
+    assert url.startswith("https://127.0.0.1:")
+    monkeypatch.setenv("SSL_CERT_FILE", os.devnull)  # no CA trusted: the certificate is checked
+    assert tunnel_fails(url, echo_server)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_path))
+    assert forward_echo(url, echo_server, payload=b"over tls") == b"over tls"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_exits_0_on_signal(programs: Programs, echo_server: str, sig: int) -> None:
+    daemon, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    spec = f"127.0.0.1:0:{echo_server}"
+    with gforward.start(base_url=url, vm_name="sbox-1", specs=[spec]) as fwd:
+        local = ("127.0.0.1", fwd.listeners[0].port)
+        with socket.create_connection(local, timeout=READ_TIMEOUT) as live:
+            live.sendall(b"x")
+            assert live.recv(1) == b"x"  # a tunnel is open when the signal arrives
+            assert daemon.stop(sig) == 0
+            # the daemon ended it on the way out (gforward resets a stream cut short)
+            with contextlib.suppress(ConnectionResetError):
+                assert live.recv(1) == b""
+    assert "Traceback" not in daemon.stderr
+    port = urlsplit(url).port
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT).close()
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--bogus"],
+    ["--listen", "127.0.0.1:0", "--tls-cert", "cert.pem"],
+    ["--listen", "127.0.0.1:0", "--token", "a", "--token-file", "b"],
+    ["--listen", "127.0.0.1:0", "--token-file", "/nonexistent/token"],
+])
+def test_exits_2_for_bad_arguments(programs: Programs, args: list[str]) -> None:
+    daemon = programs.run(sys.executable, "-m", "gforward.daemon", *args)
+    assert daemon.finish() == 2
+    assert daemon.stdout == ""
+    assert "error:" in daemon.stderr.strip().splitlines()[-1]
+
+
+def test_exits_2_for_a_malformed_listen_address(programs: Programs) -> None:
+    daemon = programs.run(sys.executable, "-m", "gforward.daemon", "--listen", "nonsense")
+    assert daemon.finish() == 2
+    assert "127.0.0.1:1" not in daemon.stderr
+
+
+def test_empty_token_file_is_an_error(programs: Programs, tmp_path: Path) -> None:
+    empty = tmp_path / "token"
+    empty.write_text(" \n")
+    daemon = programs.run(sys.executable, "-m", "gforward.daemon",
+                          "--listen", "127.0.0.1:0", "--token-file", str(empty))
+    try:
+        line = daemon.readline()
+    except AssertionError:  # exited without serving, as it should
+        assert daemon.finish() == 2
+        return
+    pytest.fail(f"the daemon serves without authentication: {line}")
+
+
+# The importable API -------------------------------------------------------
+
+
+def test_start_in_process_and_close_frees_the_port(echo_server: str) -> None:
+    daemon = gforward.daemon.start(token=TOKEN)
+    try:
+        assert daemon.urls == [daemon.url]
+        assert forward_echo(daemon.url, echo_server, token=TOKEN, payload=b"api") == b"api"
+        port = urlsplit(daemon.url).port
+        assert port
+    finally:
+        daemon.close()
+    assert daemon.closed
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT).close()
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen()
+    daemon.close()  # idempotent
+
+
+def test_start_as_context_manager_with_unix_socket(echo_server: str, short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "d.sock")
+    with gforward.daemon.start(listen=(), unix=[path]) as daemon:
+        assert daemon.url == f"unix://{path}"
+        assert forward_echo(path, echo_server, payload=b"ctx") == b"ctx"
+    assert not os.path.exists(path)
