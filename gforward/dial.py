@@ -16,6 +16,7 @@ from .errors import ForwardError
 from .handshake import ClientHandshake
 
 RECV_SIZE = 64 * 1024
+REFUSAL_BODY_WAIT = 1.0  # seconds to wait for the start of a refusal's body
 
 
 class DialError(ForwardError):
@@ -43,24 +44,51 @@ def open_websocket(
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
 ) -> tuple[socket.socket, bytes]:
-    """Connect and upgrade within `timeout` seconds; returns the socket and frames already read."""
+    """Connect and upgrade within `timeout` seconds; returns the socket and frames already read.
+
+    On failure every socket made here is closed before the error is raised.
+    """
+    opened: list[socket.socket] = []
+
+    def keep(sock: socket.socket) -> None:
+        opened.append(sock)
+        track(sock)
+
     timer = gevent.Timeout(timeout)
     timer.start()
     try:
-        sock = _connect(endpoint, tls, track)
-        sock.sendall(handshake.request)
-        while True:
-            accepted = handshake.receive(sock.recv(RECV_SIZE))
-            if accepted is not None:
-                return sock, accepted.trailing
-    except gevent.Timeout as exc:
-        if exc is not timer:
-            raise
-        raise DialError(f"no answer from {endpoint.describe()} within {timeout:g} s") from None
-    except OSError as exc:
-        raise DialError(f"cannot reach {endpoint.describe()}: {exc}") from exc
+        return _upgrade(endpoint, handshake, tls, keep)
+    except BaseException as exc:
+        for sock in opened:
+            sock.close()
+        if exc is timer and handshake.refused:
+            raise handshake.refusal() from None
+        if exc is timer:
+            raise DialError(f"no answer from {endpoint.describe()} within {timeout:g} s") from None
+        if isinstance(exc, OSError):
+            raise DialError(f"cannot reach {endpoint.describe()}: {exc}") from exc
+        raise
     finally:
         timer.close()
+
+
+def _upgrade(
+    endpoint: Endpoint,
+    handshake: ClientHandshake,
+    tls: ssl.SSLContext | None,
+    track: Callable[[socket.socket], None],
+) -> tuple[socket.socket, bytes]:
+    sock = _connect(endpoint, tls, track)
+    sock.sendall(handshake.request)
+    while not handshake.refused:
+        accepted = handshake.receive(sock.recv(RECV_SIZE))
+        if accepted is not None:
+            return sock, accepted.trailing
+    # A refusal's body is only wanted for the log: give it a moment, not the whole timeout.
+    with gevent.Timeout(REFUSAL_BODY_WAIT, False):
+        while True:
+            handshake.receive(sock.recv(RECV_SIZE))
+    raise handshake.refusal()
 
 
 def _connect(
@@ -82,7 +110,11 @@ def connect(
     if unix_path:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         track(sock)
-        sock.connect(unix_path)
+        try:
+            sock.connect(unix_path)
+        except BaseException:
+            sock.close()
+            raise
         return sock
     error: OSError = OSError(f"no address for {host}")
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):

@@ -144,8 +144,17 @@ class ClientHandshake:
             except wsproto.utilities.RemoteProtocolError:
                 finished = True
         if finished or len(self._body) >= BODY_PREVIEW:
-            raise HandshakeError("upgrade refused", self._status_line,
-                                 bytes(self._body[:BODY_PREVIEW]))
+            raise self.refusal()
+
+    @property
+    def refused(self) -> bool:
+        """A refusal's head has arrived; only (the start of) its body is awaited."""
+        return self._rejected
+
+    def refusal(self) -> HandshakeError:
+        """The refusal with as much of its body as arrived, for a caller done waiting."""
+        return HandshakeError("upgrade refused", self._status_line,
+                              bytes(self._body[:BODY_PREVIEW]))
 
 
 @dataclass

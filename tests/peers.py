@@ -1,0 +1,463 @@
+"""Daemons and guests for the wire-level tests, none of them built on gforward's own code.
+
+* `FakeDaemon`: a raw-socket daemon in threads.  Each accepted connection
+  runs the next *script* (a function of one `Peer`), so a test states the
+  exact bytes a daemon answers: a refusal, a bad Sec-WebSocket-Accept,
+  silence, half a status line, a ping.  Its frame codec is written here
+  from RFC 6455, independently of gforward.frames.
+* `Guest`: a TCP service in threads (the upstream inside the "VM"), running
+  one handler per connection.
+* The gevent-websocket peer, a WebSocket implementation other than ours:
+  `python -m tests.peers gws [--prefix /p]` serves gevent.pywsgi with
+  geventwebsocket's handler in its own process, prints
+  `listening on http://127.0.0.1:PORT` when ready, and runs until killed.
+  Behaviour per VM name (the `{name}` of `/vm/{name}/forward`):
+  `echo` echoes each message; `headers` sends one JSON message with the
+  request line and headers it saw, then closes; `ping` sends a ping with
+  the payload `gws-ping-<n>`, waits for the pong and sends back
+  `pong:<its payload>`, then echoes; `bye` sends `bye` and closes at once.
+  Paths outside `{prefix}/vm/*/forward` get a plain 404, never an upgrade.
+  Keep its payloads small: its masking runs at a few MB/s (gevent-notes.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+PEER_TIMEOUT = 15.0  # no fake daemon or guest socket blocks longer than this
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + GUID).encode("ascii")).digest()).decode()
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+def encode_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One unmasked frame, as a server sends it."""
+    first = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", first, n) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+class Frame(NamedTuple):
+    fin: bool
+    opcode: int
+    masked: bool
+    payload: bytes  # unmasked
+    key: bytes  # the masking key, b"" when unmasked
+
+
+@dataclass
+class Request:
+    """An upgrade request as it arrived: the head's bytes, split but not normalised."""
+
+    head: bytes
+    request_line: str
+    headers: list[tuple[str, str]]  # (name, value) in the order sent, names as sent
+
+    def get(self, name: str) -> str | None:
+        """The value of header `name` (any case); None when absent. Fails if repeated."""
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        assert len(values) <= 1, f"header {name} sent {len(values)} times"
+        return values[0] if values else None
+
+    @property
+    def names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+    @property
+    def target(self) -> str:
+        return self.request_line.split(" ")[1]
+
+
+class Peer:
+    """One accepted connection, seen from the fake daemon's side."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(PEER_TIMEOUT)
+        self.buffer = bytearray()
+        self.request: Request | None = None
+        self.eof = threading.Event()  # set once the forwarder's side closed (read b"")
+
+    # Reading ----------------------------------------------------------------
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(256 * 1024)
+        if not data:
+            self.eof.set()
+            return False
+        self.buffer += data
+        return True
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if not self._fill():
+                raise EOFError(f"EOF after {len(self.buffer)} of {n} bytes")
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    def read_request(self) -> Request:
+        """Read the upgrade request's head (up to the blank line)."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise EOFError("EOF before the end of the request head")
+        end = self.buffer.index(b"\r\n\r\n") + 4
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        headers = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            assert sep, f"malformed header line {line!r}"
+            headers.append((name, value.strip()))
+        self.request = Request(head, lines[0], headers)
+        return self.request
+
+    def read_frame(self) -> Frame:
+        b0, b1 = self.read_exact(2)
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", self.read_exact(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", self.read_exact(8))
+        masked = bool(b1 & 0x80)
+        key = self.read_exact(4) if masked else b""
+        payload = self.read_exact(n)
+        return Frame(bool(b0 & 0x80), b0 & 0x0F, masked,
+                     _unmask(payload, key) if masked else payload, key)
+
+    def wait_eof(self) -> None:
+        """Read (and drop) until the other side closes; a reset counts (a client that
+        closes with our unread bytes in its buffer resets, per TCP)."""
+        try:
+            while self._fill():
+                self.buffer.clear()
+        except ConnectionResetError:
+            pass
+
+    # Writing ----------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def accept(self, accept: str | None = None) -> None:
+        """Answer the request with a 101; `accept` overrides the correct Sec-WebSocket-Accept."""
+        assert self.request is not None
+        key = self.request.get("Sec-WebSocket-Key") or ""
+        self.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept or accept_key(key)}\r\n\r\n".encode()
+        )
+
+    def send_frame(self, opcode: int, payload: bytes = b"") -> None:
+        self.send(encode_frame(opcode, payload))
+
+    def close_ws(self, code: int = 1000) -> None:
+        self.send_frame(OP_CLOSE, struct.pack("!H", code))
+
+    def echo(self) -> list[Frame]:
+        """Echo data frames until the client's Close, answer it; returns the control frames."""
+        control = []
+        while True:
+            frame = self.read_frame()
+            assert frame.masked, "a client frame arrived unmasked"
+            if frame.opcode in (OP_TEXT, OP_BINARY, 0):
+                self.send_frame(frame.opcode, frame.payload)
+                continue
+            control.append(frame)
+            if frame.opcode == OP_CLOSE:
+                self.send_frame(OP_CLOSE, frame.payload[:2])
+                return control
+
+    def proxy(self, address: tuple[str, int]) -> None:
+        """Pipe this connection to a real daemon at `address`, half-closes carried across."""
+        upstream = socket.create_connection(address, timeout=PEER_TIMEOUT)
+        try:
+            if self.buffer:
+                upstream.sendall(bytes(self.buffer))
+                self.buffer.clear()
+            back = threading.Thread(target=_pipe, args=(upstream, self.sock), daemon=True)
+            back.start()
+            _pipe(self.sock, upstream)
+            back.join(PEER_TIMEOUT)
+        finally:
+            upstream.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(256 * 1024)
+            if not data:
+                break
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+Script = Callable[[Peer], None]
+
+
+class _ThreadedServer:
+    """A listening socket whose connections each run `handle` in a thread of their own."""
+
+    def __init__(self, family: int, address: str | tuple[str, int]) -> None:
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.bind(address)
+        self._listener.listen(64)
+        self.address = self._listener.getsockname()
+        self.errors: list[BaseException] = []
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._count = 0
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def handle(self, sock: socket.socket, index: int) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                index = self._count
+                self._count += 1
+                self._sockets.append(sock)
+                thread = threading.Thread(target=self._run, args=(sock, index), daemon=True)
+                self._threads.append(thread)
+            thread.start()
+
+    def _run(self, sock: socket.socket, index: int) -> None:
+        try:
+            self.handle(sock, index)
+        except BaseException as exc:
+            if not self._stopping:
+                self.errors.append(exc)
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        """Stop accepting, cut every connection, join every thread; re-raise a handler's error."""
+        with self._lock:
+            self._stopping = True
+            sockets, threads = list(self._sockets), list(self._threads)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        self._acceptor.join(PEER_TIMEOUT)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(PEER_TIMEOUT)
+        if isinstance(self.address, str):
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
+        if self.errors:
+            raise self.errors[0]
+
+    def __enter__(self) -> _ThreadedServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class FakeDaemon(_ThreadedServer):
+    """Connection i runs scripts[i] (the last script for every later one); `peers` in order."""
+
+    def __init__(self, *scripts: Script, unix_path: str = "", host: str = "127.0.0.1") -> None:
+        assert scripts
+        self._scripts = scripts
+        self.peers: list[Peer] = []
+        if unix_path:
+            super().__init__(socket.AF_UNIX, unix_path)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            super().__init__(family, (host, 0))
+
+    @property
+    def port(self) -> int:
+        return int(self.address[1])
+
+    @property
+    def url(self) -> str:
+        if isinstance(self.address, str):
+            return f"unix://{self.address}"
+        host = self.address[0]
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def handle(self, sock: socket.socket, index: int) -> None:
+        peer = Peer(sock)
+        self.peers.append(peer)
+        try:
+            self._scripts[min(index, len(self._scripts) - 1)](peer)
+        finally:
+            peer.sock.close()  # a script may have replaced it (a TLS wrap)
+
+    def __enter__(self) -> FakeDaemon:
+        return self
+
+
+class Guest(_ThreadedServer):
+    """A service on loopback or a unix path running `handler(sock)` per connection.
+
+    `target` is what a spec's remote side names: "127.0.0.1:port" or the path.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None], unix_path: str = "") -> None:
+        self._handler = handler
+        if unix_path:
+            super().__init__(socket.AF_UNIX, unix_path)
+        else:
+            super().__init__(socket.AF_INET, ("127.0.0.1", 0))
+
+    @property
+    def target(self) -> str:
+        if isinstance(self.address, str):
+            return self.address
+        return f"127.0.0.1:{self.address[1]}"
+
+    def handle(self, sock: socket.socket, index: int) -> None:
+        sock.settimeout(PEER_TIMEOUT)
+        self._handler(sock)
+
+    def __enter__(self) -> Guest:
+        return self
+
+
+def echo_until_eof(sock: socket.socket) -> None:
+    """A guest handler: echo, then half-close once the client has."""
+    while True:
+        data = sock.recv(256 * 1024)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+# The gevent-websocket peer (runs in its own process) --------------------------
+
+
+def serve_gws(prefix: str) -> None:
+    """gevent.pywsgi + geventwebsocket, serving the behaviours of the module doc."""
+    import json
+    import re
+    import sys
+    from itertools import count
+
+    from gevent.pywsgi import WSGIServer
+    from gevent.queue import Queue
+    from geventwebsocket.handler import WebSocketHandler
+    from geventwebsocket.websocket import WebSocket
+
+    forward_path = re.compile(re.escape(prefix) + r"/vm/([^/]+)/forward")
+    pings = count(1)
+    pong_queues: dict[int, Queue] = {}  # by id(ws): WebSocket has __slots__
+
+    def handle_pong(self: WebSocket, header: object, payload: bytes) -> None:
+        pongs = pong_queues.get(id(self))
+        if pongs is not None:
+            pongs.put(bytes(payload))
+
+    WebSocket.handle_pong = handle_pong
+
+    def not_an_upgrade(handler: WebSocketHandler) -> bool:
+        """pre_start_hook: True sends the request to the plain WSGI app (the 404)."""
+        return forward_path.fullmatch(handler.environ.get("PATH_INFO", "")) is None
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        ws = environ.get("wsgi.websocket")
+        if ws is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [f"no such endpoint {environ.get('PATH_INFO')}\n".encode()]
+        mode = forward_path.fullmatch(environ["PATH_INFO"]).group(1)
+        if mode == "headers":
+            seen = {
+                "request_line": ws.handler.requestline,
+                "headers": [[k, v] for k, v in ws.handler.headers.items()],
+            }
+            ws.send(json.dumps(seen).encode(), binary=True)
+            ws.close()
+            return []
+        if mode == "bye":
+            ws.send(b"bye", binary=True)
+            ws.close()
+            return []
+        if mode == "ping":
+            pongs = pong_queues[id(ws)] = Queue()
+            payload = f"gws-ping-{next(pings)}"
+            ws.send_frame(payload, ws.OPCODE_PING)
+            reader = gevent.spawn(_echo_gws, ws)  # reads, so handle_pong runs
+            try:
+                pong = pongs.get(timeout=10)
+            finally:
+                del pong_queues[id(ws)]
+            ws.send(json.dumps({"ping": payload, "pong": pong.decode("latin-1")}).encode(),
+                    binary=True)
+            reader.join()
+            return []
+        _echo_gws(ws)
+        return []
+
+    import gevent
+
+    server = WSGIServer(("127.0.0.1", 0), app, handler_class=WebSocketHandler, log=None,
+                        error_log=None)
+    server.pre_start_hook = not_an_upgrade
+    server.start()
+    print(f"listening on http://127.0.0.1:{server.server_port}", flush=True)
+    sys.stdout.flush()
+    server.serve_forever()
+
+
+def _echo_gws(ws: object) -> None:
+    while True:
+        message = ws.receive()  # type: ignore[attr-defined]
+        if message is None:
+            return
+        ws.send(message, binary=True)  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.peers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gws = sub.add_parser("gws", help="serve the gevent-websocket peer")
+    gws.add_argument("--prefix", default="", help="path prefix of /vm/{name}/forward")
+    args = parser.parse_args()
+    serve_gws(args.prefix.rstrip("/"))
