@@ -40,6 +40,7 @@ _S = TypeVar("_S", bound="Service")
 JOIN_TIMEOUT = 2.0  # how long close() lets handlers finish after their sockets closed
 
 _allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+_thread_id = gevent.monkey.get_original("_thread", "get_ident")  # per OS thread, even patched
 _live: weakref.WeakSet[Service] = weakref.WeakSet()
 
 
@@ -140,7 +141,7 @@ class Service:
     def _serve(self, binders: list[Binder]) -> None:
         """In the hub: bind every listener (all or nothing), then start accepting."""
         self._hub = gevent.get_hub()
-        self._hub_thread = threading.get_ident()
+        self._hub_thread = _thread_id()
         self._closed_here = Event()
         self._pool = Pool()
         bound: list[tuple[ListeningSocket, Handler]] = []
@@ -169,9 +170,13 @@ class Service:
     # Closing --------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop listening and end every connection; idempotent, from any thread."""
-        if threading.get_ident() == self._hub_thread:
-            self._begin_close()
+        """Stop listening and end every connection; idempotent, from any thread.
+
+        Called from one of our own connection greenlets (a log handler, say),
+        it does not wait for that greenlet, which could never end first.
+        """
+        if _thread_id() == self._hub_thread:
+            self._begin_close(spare=gevent.getcurrent())
             assert self._closed_here is not None
             self._closed_here.wait()
             return
@@ -184,7 +189,7 @@ class Service:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until closed; False if `timeout` seconds passed first."""
-        if threading.get_ident() == self._hub_thread:
+        if _thread_id() == self._hub_thread:
             assert self._closed_here is not None
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
@@ -193,12 +198,12 @@ class Service:
     def closed(self) -> bool:
         return self._closed_anywhere.is_set
 
-    def _begin_close(self) -> None:
+    def _begin_close(self, spare: Any = None) -> None:
         if not self._closing:
             self._closing = True
-            gevent.spawn(self._teardown)
+            gevent.spawn(self._teardown, spare)
 
-    def _teardown(self) -> None:
+    def _teardown(self, spare: Any) -> None:
         """In the hub: listeners first, so nothing new arrives, then connections."""
         for server in self._servers:
             server.close()
@@ -206,10 +211,12 @@ class Service:
             listening.close()
         for connection in list(self._connections):
             connection.abort()
-        if self._pool is not None and not self._pool.join(timeout=JOIN_TIMEOUT):
-            self._log.warning("%d connection(s) did not end in time; killing them",
-                              len(self._pool))
-            self._pool.kill(timeout=JOIN_TIMEOUT)
+        assert self._pool is not None
+        handlers = [g for g in self._pool if g is not spare]
+        late = [g for g in handlers if g not in gevent.joinall(handlers, timeout=JOIN_TIMEOUT)]
+        if late:
+            self._log.warning("%d connection(s) did not end in time; killing them", len(late))
+            gevent.killall(late, timeout=JOIN_TIMEOUT)
         _live.discard(self)
         assert self._closed_here is not None
         self._closed_here.set()
