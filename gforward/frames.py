@@ -101,12 +101,26 @@ def frame_header(opcode: int, length: int, mask_key: bytes | None = None) -> byt
     return header + mask_key if mask_key is not None else header
 
 
+_keys: list[bytes] = []
+
+
+def mask_key() -> bytes:
+    """A fresh random masking key (RFC 6455 5.3), drawn from os.urandom 1,024 at a time
+    to spare a getrandom call per frame (list.pop is atomic, so threads may share it)."""
+    try:
+        return _keys.pop()
+    except IndexError:
+        block = os.urandom(4096)
+        _keys.extend(block[i : i + 4] for i in range(0, len(block), 4))
+        return _keys.pop()
+
+
 def frame_parts(opcode: int, payload: Buffer, *, mask: bool) -> tuple[bytes, Buffer]:
     """Header and payload of one final frame, kept apart so that a vectored send
     need not copy the payload; a client masks with a fresh key per frame (5.3)."""
     if not mask:
         return frame_header(opcode, len(payload)), payload
-    key = os.urandom(4)
+    key = mask_key()
     return frame_header(opcode, len(payload), key), apply_mask(payload, key)
 
 

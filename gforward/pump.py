@@ -5,9 +5,13 @@ Theory of operation
 The "plain" socket is the local connection (client role, in the forwarder)
 or the upstream inside the guest (server role, in the daemon).  Two
 greenlets move bytes, one per direction; the caller's greenlet runs
-plain -> WebSocket and a spawned one runs WebSocket -> plain.  Each blocks
+WebSocket -> plain and a second one runs plain -> WebSocket.  Each blocks
 in `recv` or `sendall`, so a slow reader holds back its writer through TCP
 itself: a tunnel never holds more than one read per direction.
+
+A blocked greenlet costs about 8 KiB, and tunnels often sit idle (pools of
+connections opened ahead of use), so the second greenlet is only spawned,
+by an io watcher's callback, once plain has something to say.
 
 Closing follows RFC 6455 section 7 with half-closes carried across:
 
@@ -31,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import gevent
 from gevent import socket, ssl
@@ -44,6 +48,7 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PONG, Buffer
 CHUNK = 256 * 1024
 LINGER = 5.0
 _CLEAN_CODES = (frames.CLOSE_NORMAL, frames.CLOSE_GOING_AWAY, 1005)
+_TO_WS, _TO_PLAIN = 0, 1  # the two directions, as indexes
 
 
 class TunnelCut(Exception):
@@ -74,50 +79,70 @@ class Pump:
         self._write_lock = Semaphore()
         self._close_sent = False
         self._close_received = False
-        self._last_plain = self._last_ws = time.monotonic()
+        self._finished = 0  # directions that ended well
+        self._both_finished = Event()  # ...or the tunnel was cut
+        self._last = [time.monotonic()] * 2  # last progress of each direction (_TO_WS, _TO_PLAIN)
+        self._plain_readable: Any = None  # io watcher that starts plain -> WebSocket
+        self._plain_to_ws_greenlet: gevent.Greenlet | None = None
 
     def run(self) -> None:
         """Pump both directions; returns once the tunnel is over and both sockets closed."""
-        to_ws_done, to_plain_done = Event(), Event()
-        other = gevent.spawn(
-            self._direction, self._ws_to_plain, to_plain_done, to_ws_done, lambda: self._last_plain
-        )
+        self._plain_readable = gevent.get_hub().loop.io(self.plain.fileno(), 1)
+        self._plain_readable.start(self._start_plain_to_ws)
         try:
-            self._direction(self._plain_to_ws, to_ws_done, to_plain_done, lambda: self._last_ws)
+            self._direction(self._ws_to_plain, _TO_PLAIN)
         finally:
-            other.join()
+            self._plain_readable.close()
+            if self._plain_to_ws_greenlet is not None:
+                self._plain_to_ws_greenlet.join()
             self._cut("", reset=False)
+
+    def _start_plain_to_ws(self) -> None:
+        """The watcher's callback, in the hub: plain spoke (or closed), so give it a greenlet."""
+        self._plain_readable.stop()
+        self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws, _TO_WS)
 
     # Each direction --------------------------------------------------------
 
     def _plain_to_ws(self) -> None:
+        last = self._last
         while True:
             data = self.plain.recv(CHUNK)
             if not data:
                 break
-            self._last_plain = time.monotonic()
-            self._send_data(data)
+            last[_TO_WS] = time.monotonic()
+            if self._send(OP_BINARY, data):
+                self.sent += len(data)
         self._send_close(frames.CLOSE_NORMAL, "")
 
     def _ws_to_plain(self) -> None:
         reader = frames.FrameReader(masked=not self.client)
+        last = self._last
         data: Buffer = self._trailing
         self._trailing = b""
         while True:
+            # A read may end one frame and start the next: one vectored send for both.
+            pieces: list[Buffer] = []
             for event in reader.feed(data):
-                if isinstance(event, frames.Data):
-                    self.plain.sendall(event.payload)
-                    self.received += len(event.payload)
-                    self._last_ws = time.monotonic()
+                if type(event) is frames.Data:
+                    pieces.append(event.payload)
                 elif isinstance(event, frames.Ping):
                     self._send(OP_PONG, event.payload)
                 elif isinstance(event, frames.Close):
+                    self._deliver(pieces)
                     self._on_close(event)
                     return
+            self._deliver(pieces)
             data = self.ws.recv(CHUNK)
             if not data:
                 raise TunnelCut("WebSocket lost without a Close frame")
-            self._last_ws = time.monotonic()
+            last[_TO_PLAIN] = time.monotonic()
+
+    def _deliver(self, pieces: list[Buffer]) -> None:
+        if pieces:
+            self.received += sum(map(len, pieces))
+            send_buffers(self.plain, pieces)
+            self._last[_TO_PLAIN] = time.monotonic()
 
     def _on_close(self, close: frames.Close) -> None:
         """The peer is done sending: carry its half-close to plain."""
@@ -130,13 +155,7 @@ class Pump:
 
     # Supervision -----------------------------------------------------------
 
-    def _direction(
-        self,
-        loop: Callable[[], None],
-        done: Event,
-        other_done: Event,
-        other_activity: Callable[[], float],
-    ) -> None:
+    def _direction(self, loop: Callable[[], None], index: int) -> None:
         """Run one direction; when it ends well, give the other `linger` idle seconds."""
         try:
             loop()
@@ -149,10 +168,11 @@ class Pump:
         except (TunnelCut, OSError) as exc:
             self._cut(str(exc))
             return
-        finally:
-            done.set()
-        while not other_done.wait(self.linger):
-            if time.monotonic() - other_activity() >= self.linger:
+        self._finished += 1
+        if self._finished == 2:
+            self._both_finished.set()
+        while not self._both_finished.wait(self.linger):
+            if time.monotonic() - self._last[1 - index] >= self.linger:
                 self._cut(f"no data for {self.linger:g} s after the other side finished",
                           reset=False)
                 return
@@ -165,45 +185,51 @@ class Pump:
             self.failed = reset and not clean
         if self.failed:
             _reset(self.plain)
+        if self._plain_readable is not None:
+            self._plain_readable.close()  # before its fd is closed, and maybe reused
         self.plain.close()
         self.ws.close()
+        self._both_finished.set()  # nothing left to linger for
 
     # Writing frames --------------------------------------------------------
-
-    def _send_data(self, data: bytes) -> None:
-        """One binary frame per read; dropped once our Close is out (nowhere to go)."""
-        if self._send(OP_BINARY, data):
-            self.sent += len(data)
 
     def _send_close(self, code: int, reason: str) -> None:
         self._send(OP_CLOSE, frames.close_payload(code, reason))
 
     def _send(self, opcode: int, payload: Buffer) -> bool:
-        """Write one frame, serialised: a pong must not land inside a data frame."""
+        """Write one frame, serialised: a pong must not land inside a data frame.
+
+        Returns False, sending nothing, once our Close is out: the peer takes no more.
+        """
         header, body = frames.frame_parts(opcode, payload, mask=self.client)
         with self._write_lock:
             if self._close_sent:
                 return False
             self._close_sent = opcode == OP_CLOSE
-            _send_vectored(self.ws, header, body)
+            send_buffers(self.ws, [header, body])
         return True
 
 
-def _send_vectored(sock: socket.socket, header: bytes, body: Buffer) -> None:
-    """sendall(header + body) without building that copy (one sendmsg, usually)."""
+def send_buffers(sock: socket.socket, buffers: list[Buffer]) -> None:
+    """sendall() of several buffers without joining them: sendmsg, then what is left.
+    Consumes `buffers`.
+
+    Also spares gevent's sendall, which asks the kernel for SO_SNDBUF on every call.
+    """
     if isinstance(sock, ssl.SSLSocket):  # TLS sockets have no sendmsg
-        sock.sendall(header + body)
+        sock.sendall(b"".join(buffers))
         return
-    sent = sock.sendmsg((header, body))
-    if sent < len(header):
-        sock.sendall(header[sent:])
-        sent = len(header)
-    if sent - len(header) < len(body):
-        sock.sendall(memoryview(body)[sent - len(header) :])
+    while True:
+        sent = sock.sendmsg(buffers)
+        while buffers and sent >= len(buffers[0]):
+            sent -= len(buffers[0])
+            del buffers[0]
+        if not buffers:
+            return
+        buffers[0] = memoryview(buffers[0])[sent:]
 
 
 def _reset(sock: socket.socket) -> None:
     """Make the coming close() send RST: the plain side's user must see a cut, not an end."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
