@@ -66,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--token-file", metavar="FILE",
                       help="read the bearer token from FILE (env SLICER_TOKEN_FILE)")
     parser.add_argument("--dial-timeout", type=_positive_seconds, metavar="SECONDS",
-                        help="bound on connect + TLS + upgrade per tunnel (default 10)")
+                        help="bound on proxy + connect + TLS + upgrade per tunnel (default 10)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--ca-file", metavar="FILE",
+                       help="trust only the CA certificates in FILE (PEM) for an https:// "
+                            "daemon, instead of the system's")
+    trust.add_argument("--insecure", action="store_true",
+                       help="do not verify the https:// daemon's certificate (warns)")
+    parser.add_argument("--proxy", metavar="URL",
+                        help="HTTP proxy, http://[USER:PASSWORD@]HOST:PORT, used instead of "
+                             "HTTPS_PROXY/HTTP_PROXY/NO_PROXY; '' for none")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every tunnel opening and closing on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -111,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("gforward").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if token and endpoint.scheme == "http" and not is_loopback_host(endpoint.host):
         _warn(f"the token travels unencrypted to {endpoint.describe()}: use https://")
-    options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token)
+    options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token,
+                      ca_file=args.ca_file, insecure=args.insecure, proxy=args.proxy)
     if args.dial_timeout is not None:
         options.dial_timeout = args.dial_timeout
 

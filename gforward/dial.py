@@ -1,21 +1,30 @@
-"""The connection to the daemon: TCP, TLS or unix socket, then the upgrade.
+"""The connection to the daemon: TCP, TLS or unix socket, maybe through a proxy, then the upgrade.
 
 Every socket made here is handed to `track` before it blocks, so that a
 closing forwarder can end a tunnel that is still dialling by closing it.
+One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import ipaddress
+import os
+from typing import Any, Callable
 
 import gevent
+import gevent.monkey
 from gevent import socket, ssl
 
 from .endpoint import Endpoint
 from .errors import ForwardError
 from .handshake import ClientHandshake
+from .proxy import ConnectHandshake, ProxyError
+
+# The standard library's class, even in a process that gevent has patched.
+_STDLIB_CONTEXT: Any = gevent.monkey.get_original("ssl", "SSLContext")
 
 RECV_SIZE = 64 * 1024
+_NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 REFUSAL_BODY_WAIT = 1.0  # seconds to wait for the start of a refusal's body
 
 
@@ -23,11 +32,58 @@ class DialError(ForwardError):
     """The daemon could not be reached, or did not answer in time."""
 
 
-def tls_context() -> ssl.SSLContext:
-    """A verifying client context of gevent's kind (the stdlib's would block the hub)."""
+def tls_context(ca_file: str | None = None, insecure: bool = False) -> ssl.SSLContext:
+    """A client context of gevent's kind (the stdlib's would block the hub).
+
+    It verifies the certificate and host name against the system's CAs (which
+    honour SSL_CERT_FILE and SSL_CERT_DIR), or against `ca_file` (a PEM file or
+    a hashed directory) alone, as curl's --cacert and requests' verify= do;
+    `insecure` turns every check off.  A missing or unreadable `ca_file`
+    raises OSError or ssl.SSLError here, once, rather than on every tunnel.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_default_certs()
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_file:
+        if os.path.isdir(ca_file):
+            context.load_verify_locations(capath=ca_file)
+        else:
+            context.load_verify_locations(cafile=ca_file)
+    else:
+        context.load_default_certs()
     return context
+
+
+def check_tls_context(context: object) -> None:
+    """Refuse a context whose sockets we could not make cooperative (ValueError).
+
+    gevent's own contexts (any context in a patched process) wrap into gevent
+    sockets.  A plain stdlib context wraps into a blocking ssl.SSLSocket, so
+    `_wrap_tls` builds gevent's SSLSocket around it instead, as gevent's own
+    wrap_socket does: the context's settings all live in its C part, which
+    both socket classes use alike.  A stdlib subclass that overrides
+    wrap_socket or sslsocket_class (truststore's, say) would be bypassed that
+    way, silently dropping what it adds, so it is refused instead.
+    """
+    if isinstance(context, ssl.SSLContext):
+        return
+    if not isinstance(context, _STDLIB_CONTEXT):
+        raise ValueError(f"ssl_context must be an ssl.SSLContext, not {type(context).__name__}")
+    kind = type(context)
+    if kind.wrap_socket is not _STDLIB_CONTEXT.wrap_socket \
+            or kind.sslsocket_class is not _STDLIB_CONTEXT.sslsocket_class:
+        raise ValueError(
+            f"ssl_context: {kind.__module__}.{kind.__qualname__} changes how sockets are "
+            "wrapped, which would block gevent's hub in a process gevent has not patched; "
+            "pass a plain ssl.SSLContext or a gevent.ssl.SSLContext")
+
+
+def _wrap_tls(sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> Any:
+    """TLS over `sock` as a gevent socket whatever kind `context` is (see check_tls_context)."""
+    if isinstance(context, ssl.SSLContext):
+        return context.wrap_socket(sock, server_hostname=server_hostname)
+    return ssl.SSLSocket(sock=sock, server_hostname=server_hostname, _context=context)
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -43,9 +99,12 @@ def open_websocket(
     timeout: float,
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
+    proxy: ConnectHandshake | None = None,
 ) -> tuple[socket.socket, bytes]:
     """Connect and upgrade within `timeout` seconds; returns the socket and frames already read.
 
+    With `proxy`, the connection is a CONNECT tunnel through it; TLS (with
+    the daemon's name for SNI and verification) then runs inside the tunnel.
     On failure every socket made here is closed before the error is raised.
     """
     opened: list[socket.socket] = []
@@ -56,20 +115,35 @@ def open_websocket(
 
     timer = gevent.Timeout(timeout)
     timer.start()
+    where = endpoint.describe()
+    if proxy is not None:
+        where += f" via proxy {proxy.proxy.describe()}"
     try:
-        return _upgrade(endpoint, handshake, tls, keep)
+        return _upgrade(endpoint, handshake, tls, keep, proxy)
     except BaseException as exc:
         for sock in opened:
             sock.close()
         if exc is timer and handshake.refused:
             raise handshake.refusal() from None
         if exc is timer:
-            raise DialError(f"no answer from {endpoint.describe()} within {timeout:g} s") from None
+            raise DialError(f"no answer from {where} within {timeout:g} s") from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise DialError(_rejected_certificate(exc, where)) from exc
         if isinstance(exc, OSError):
-            raise DialError(f"cannot reach {endpoint.describe()}: {exc}") from exc
+            raise DialError(f"cannot reach {where}: {exc}") from exc
         raise
     finally:
         timer.close()
+
+
+def _rejected_certificate(exc: ssl.SSLCertVerificationError, where: str) -> str:
+    """Why the daemon's certificate failed, and the fix that fits that reason."""
+    problem = str(exc.verify_message or exc).rstrip(".")
+    if exc.verify_code in _NAME_MISMATCH:
+        fix = "the URL must name a host the certificate lists"
+    else:
+        fix = "trust its CA with ca_file (--ca-file) or ssl_context"
+    return f"TLS certificate of {where} not accepted ({exc.reason}): {problem}; {fix}"
 
 
 def _upgrade(
@@ -77,8 +151,9 @@ def _upgrade(
     handshake: ClientHandshake,
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
+    proxy: ConnectHandshake | None,
 ) -> tuple[socket.socket, bytes]:
-    sock = _connect(endpoint, tls, track)
+    sock = _connect(endpoint, tls, track, proxy)
     sock.sendall(handshake.request)
     while not handshake.refused:
         accepted = handshake.receive(sock.recv(RECV_SIZE))
@@ -92,15 +167,34 @@ def _upgrade(
 
 
 def _connect(
-    endpoint: Endpoint, tls: ssl.SSLContext | None, track: Callable[[socket.socket], None]
+    endpoint: Endpoint,
+    tls: ssl.SSLContext | None,
+    track: Callable[[socket.socket], None],
+    proxy: ConnectHandshake | None,
 ) -> socket.socket:
     """A connected socket to the daemon, TLS already negotiated where asked."""
-    sock = connect(endpoint.host, endpoint.port, endpoint.unix_path, track)
+    if proxy is None:
+        sock = connect(endpoint.host, endpoint.port, endpoint.unix_path, track)
+    else:
+        sock = _tunnel(proxy, track)
     if tls is None:
         return sock
-    wrapped = tls.wrap_socket(sock, server_hostname=endpoint.host)
+    wrapped = _wrap_tls(sock, tls, endpoint.host)  # the daemon's name, never the proxy's
     track(wrapped)
     return wrapped
+
+
+def _tunnel(exchange: ConnectHandshake, track: Callable[[socket.socket], None]) -> socket.socket:
+    """A socket to the proxy that it has turned into a tunnel to the daemon."""
+    server = exchange.proxy
+    try:
+        sock = connect(server.host, server.port, "", track)
+    except OSError as exc:
+        raise ProxyError(f"cannot reach proxy {server.describe()}: {exc}") from exc
+    sock.sendall(exchange.request)
+    while not exchange.receive(sock.recv(RECV_SIZE)):
+        pass
+    return sock
 
 
 def connect(
@@ -117,7 +211,7 @@ def connect(
             raise
         return sock
     error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, addr in _addresses(host, port):
         sock = socket.socket(family, kind, proto)
         track(sock)
         try:
@@ -129,3 +223,14 @@ def connect(
         set_nodelay(sock)
         return sock
     raise error
+
+
+def _addresses(host: str, port: int) -> list[tuple[int, int, int, Any]]:
+    """Where host:port is; an IP literal needs no lookup (gevent resolves in a thread pool,
+    which costs a fifth of a tunnel's setup on loopback)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return [info[:3] + info[4:] for info in
+                socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)]
+    return [(family, socket.SOCK_STREAM, 0, (host, port))]

@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from .mapping import is_local_path, resolve_local_path
 
-__all__ = ["Endpoint", "parse_base_url"]
+__all__ = ["Endpoint", "mask_userinfo", "parse_base_url", "split_host_port"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -66,8 +66,12 @@ def parse_base_url(base_url: str) -> Endpoint:
     try:
         return _parse(base_url)
     except ValueError as exc:
-        shown = _USERINFO_RE.sub("***@", base_url, count=1)
-        raise ValueError(f"invalid base URL {shown!r}: {exc}") from None
+        raise ValueError(f"invalid base URL {mask_userinfo(base_url)!r}: {exc}") from None
+
+
+def mask_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` after ``scheme://`` shown as ``***@``, for messages."""
+    return _USERINFO_RE.sub("***@", url, count=1)
 
 
 def _parse(url: str) -> Endpoint:
@@ -97,7 +101,7 @@ def _parse(url: str) -> Endpoint:
         raise ValueError("an http(s) URL must be ASCII without spaces")
     if "@" in parts.netloc:
         raise ValueError("credentials do not belong in the URL; pass them as the token")
-    host, port = _host_port(parts.netloc, _DEFAULT_PORTS[parts.scheme])
+    host, port = split_host_port(parts.netloc, _DEFAULT_PORTS[parts.scheme])
     return Endpoint(parts.scheme, host, port, "", parts.path.rstrip("/"))
 
 
@@ -105,8 +109,12 @@ def _unix(path: str) -> Endpoint:
     return Endpoint("unix", "", 0, resolve_local_path(path), "")
 
 
-def _host_port(netloc: str, default_port: int) -> tuple[str, int]:
-    """Split ``host[:port]``, checking both ourselves: urlsplit is lenient about ports."""
+def split_host_port(netloc: str, default_port: int) -> tuple[str, int]:
+    """Split ``host[:port]`` (IPv6 in brackets), checking both: urlsplit is lenient about ports.
+
+    The host comes back lower-case, IPv6 without brackets.  Shared by base URLs
+    and proxy URLs, so both accept and refuse the same spellings.
+    """
     if netloc.startswith("["):
         inner, bracket, rest = netloc[1:].partition("]")
         if not bracket:

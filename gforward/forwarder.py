@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket as stdlib_socket
+import ssl as stdlib_ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ from .endpoint import Endpoint, parse_base_url
 from .errors import ForwardError
 from .listen import ListeningSocket, listen_tcp, listen_unix
 from .mapping import AddressMapping, parse_address_mapping
+from .proxy import ConnectHandshake, Proxy, select_proxy
 from .pump import Pump
 from .service import Binder, Connection, Service
 
@@ -33,11 +36,18 @@ class Options:
     base_url: str
     vm_name: str
     specs: list[str]
-    token: str = ""
+    token: str = field(default="", repr=False)  # never shown, never logged
     client_id: str | None = None  # default: socket.gethostname()
     user_agent: str | None = None  # default: gforward/<version>
-    dial_timeout: float = 10.0  # seconds, bounds connect + TLS + upgrade
+    dial_timeout: float = 10.0  # seconds, bounds proxy + connect + TLS + upgrade
     logger: logging.Logger | None = None  # default: logging.getLogger("gforward")
+    # TLS, for https:// daemons (ignored otherwise); at most one of the three:
+    ssl_context: stdlib_ssl.SSLContext | None = None  # full control, used as given
+    ca_file: str | None = None  # trust only these CAs (PEM file or hashed directory)
+    insecure: bool = False  # no certificate or host-name check; warns at each start()
+    # HTTP proxy for http(s):// daemons: None reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY,
+    # "" means none, "http://[user:password@]host:port" is used whatever the environment says.
+    proxy: str | None = field(default=None, repr=False)  # may hold a password
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,14 @@ class _Settings:
     user_agent: str
     dial_timeout: float
     tls: ssl.SSLContext | None
+    proxy: Proxy | None
+
+    def proxy_handshake(self) -> ConnectHandshake | None:
+        """A fresh CONNECT exchange for one tunnel, when a proxy is in the way."""
+        if self.proxy is None:
+            return None
+        return ConnectHandshake(self.proxy, self.endpoint.host, self.endpoint.port,
+                                      self.user_agent)
 
     def handshake(self, upstream: str) -> handshake.ClientHandshake:
         """A fresh upgrade request (fresh Sec-WebSocket-Key) for one tunnel."""
@@ -82,6 +100,14 @@ class Forwarder(Service):
     def __init__(self, options: Options) -> None:
         mappings, self._settings = _check(options)
         super().__init__(options.logger or logging.getLogger("gforward"))
+        endpoint = self._settings.endpoint
+        if options.insecure and endpoint.tls:
+            self._log.warning("TLS verification is off (insecure=True): the certificate of %s "
+                              "is not checked, so anyone on the way can read the token and "
+                              "the tunnels", endpoint.describe())
+        if self._settings.proxy is not None:
+            self._log.info("reaching %s through proxy %s", endpoint.describe(),
+                           self._settings.proxy.describe())
         self.listeners: list[Listener] = []
         self._open([self._binder(m) for m in mappings], name=f"gforward {options.vm_name}")
 
@@ -120,6 +146,7 @@ class Forwarder(Service):
                     timeout=settings.dial_timeout,
                     tls=settings.tls,
                     track=connection.add,
+                    proxy=settings.proxy_handshake(),
                 )
             except (ForwardError, OSError) as exc:
                 if not connection.aborted:
@@ -167,7 +194,9 @@ def _check(options: Options) -> tuple[list[AddressMapping], _Settings]:
         client_id=options.client_id or stdlib_socket.gethostname(),
         user_agent=options.user_agent or f"gforward/{__version__}",
         dial_timeout=options.dial_timeout,
-        tls=dial.tls_context() if endpoint.tls else None,
+        tls=_tls(options, endpoint),
+        proxy=select_proxy(endpoint.scheme, endpoint.host, endpoint.port,
+                           explicit=options.proxy, environ=os.environ),
     )
     try:
         settings.handshake(mappings[0].remote_target())
@@ -175,3 +204,22 @@ def _check(options: Options) -> tuple[list[AddressMapping], _Settings]:
         raise ValueError("token, client_id or user_agent is not a valid HTTP header value"
                          ) from None
     return mappings, settings
+
+
+def _tls(options: Options, endpoint: Endpoint) -> ssl.SSLContext | None:
+    """The one TLS context of every tunnel, from ssl_context, ca_file or insecure."""
+    chosen = [name for name, value in (("ssl_context", options.ssl_context is not None),
+                                       ("ca_file", bool(options.ca_file)),
+                                       ("insecure", options.insecure)) if value]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} exclude each other: ssl_context is full "
+                         "control, ca_file trusts a CA, insecure trusts anything")
+    if not endpoint.tls:
+        return None
+    if options.ssl_context is not None:
+        dial.check_tls_context(options.ssl_context)
+        return options.ssl_context
+    try:
+        return dial.tls_context(ca_file=options.ca_file, insecure=options.insecure)
+    except OSError as exc:  # ssl.SSLError included: a file that holds no certificate
+        raise ValueError(f"cannot load ca_file {options.ca_file!r}: {exc}") from exc
