@@ -18,11 +18,11 @@ Closing follows RFC 6455 section 7 with half-closes carried across:
 * plain EOF: send Close(1000) and stop reading plain; frames still arriving
   go on to plain until the peer's Close (that is how a reply reaches a
   client that half-closed).
-* peer Close, client role: answer it at once (API.md step 5) and shut plain
-  for writing, so the local client sees EOF; plain is then read only to
-  discard, until its EOF.
-* peer Close, server role: shut plain for writing and go on sending what
-  plain still says; our Close follows plain's EOF.
+* peer Close: shut plain for writing at once, so its user sees EOF, and go
+  on sending what plain still says; our Close, the answer (API.md step 5),
+  follows plain's EOF.  Nothing plain sends is dropped on the floor: a peer
+  that hangs up after its Close cuts the tunnel, and plain sees a reset.
+  Both roles behave alike; the client role only masks its frames.
 * Once one direction is done, the other gets `linger` seconds of silence
   before the tunnel is cut, so no tunnel outlives a peer that went quiet.
 * Anything abnormal (a socket error, the WebSocket lost without a Close, a
@@ -43,7 +43,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from . import frames
-from .frames import OP_BINARY, OP_CLOSE, OP_PONG, Buffer
+from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Buffer
 
 CHUNK = 256 * 1024
 LINGER = 5.0
@@ -66,11 +66,15 @@ class Pump:
         client: bool,
         trailing: bytes = b"",
         linger: float = LINGER,
+        ping_interval: float = 0.0,
+        ping_timeout: float = 0.0,
     ) -> None:
         self.plain = plain
         self.ws = ws
         self.client = client
         self.linger = linger
+        self.ping_interval = ping_interval  # 0: no keepalive
+        self.ping_timeout = ping_timeout
         self.sent = 0  # payload bytes plain -> WebSocket
         self.received = 0  # payload bytes WebSocket -> plain
         self.reason = ""  # why the tunnel ended; set once
@@ -84,11 +88,15 @@ class Pump:
         self._last = [time.monotonic()] * 2  # last progress of each direction (_TO_WS, _TO_PLAIN)
         self._plain_readable: Any = None  # io watcher that starts plain -> WebSocket
         self._plain_to_ws_greenlet: gevent.Greenlet | None = None
+        self._keepalive: Any = None  # timer watcher, while pings are on
+        self._ping_sent_at: float | None = None
 
     def run(self) -> None:
         """Pump both directions; returns once the tunnel is over and both sockets closed."""
         self._plain_readable = gevent.get_hub().loop.io(self.plain.fileno(), 1)
         self._plain_readable.start(self._start_plain_to_ws)
+        if self.ping_interval > 0:
+            self._schedule_keepalive(self.ping_interval)
         try:
             self._direction(self._ws_to_plain, _TO_PLAIN)
         finally:
@@ -113,7 +121,12 @@ class Pump:
             last[_TO_WS] = time.monotonic()
             if self._send(OP_BINARY, data):
                 self.sent += len(data)
-        self._send_close(frames.CLOSE_NORMAL, "")
+        try:
+            self._send_close(frames.CLOSE_NORMAL, "")
+        except OSError:
+            if not self._close_received:
+                raise
+            # The peer hung up right after its own Close, as some daemons do: nothing lost.
 
     def _ws_to_plain(self) -> None:
         reader = frames.FrameReader(masked=not self.client)
@@ -123,15 +136,19 @@ class Pump:
         while True:
             # A read may end one frame and start the next: one vectored send for both.
             pieces: list[Buffer] = []
-            for event in reader.feed(data):
-                if type(event) is frames.Data:
-                    pieces.append(event.payload)
-                elif isinstance(event, frames.Ping):
-                    self._send(OP_PONG, event.payload)
-                elif isinstance(event, frames.Close):
-                    self._deliver(pieces)
-                    self._on_close(event)
-                    return
+            try:
+                for event in reader.feed(data):
+                    if type(event) is frames.Data:
+                        pieces.append(event.payload)
+                    elif isinstance(event, frames.Ping):
+                        self._send(OP_PONG, event.payload)
+                    elif isinstance(event, frames.Close):
+                        self._deliver(pieces)
+                        self._on_close(event)
+                        return
+            except frames.ProtocolError:
+                self._deliver(pieces)  # what came before the bad frame is good
+                raise
             self._deliver(pieces)
             data = self.ws.recv(CHUNK)
             if not data:
@@ -149,9 +166,40 @@ class Pump:
         self._close_received = True
         if close.code not in _CLEAN_CODES:
             raise TunnelCut(f"peer closed with code {close.code} {close.reason!r}".rstrip())
-        if self.client:
-            self._send_close(close.code if close.code != 1005 else frames.CLOSE_NORMAL, "")
         self.plain.shutdown(socket.SHUT_WR)
+
+    # Keepalive -------------------------------------------------------------
+
+    def _schedule_keepalive(self, delay: float) -> None:
+        if self._keepalive is not None:
+            self._keepalive.close()
+        self._keepalive = gevent.get_hub().loop.timer(max(delay, 0.0))
+        self._keepalive.start(self._check_alive)
+
+    def _check_alive(self) -> None:
+        """Timer callback, in the hub: a peer silent for ping_interval gets a Ping; one
+        silent for ping_timeout more is taken for dead (load balancers drop idle flows
+        without a word), and the tunnel is cut, local client included."""
+        if self._close_sent or self._close_received:
+            return  # closing: the linger rules bound what is left
+        now = time.monotonic()
+        heard = self._last[_TO_PLAIN]  # any bytes from the peer prove it alive
+        if self._ping_sent_at is not None and heard < self._ping_sent_at:
+            if now - self._ping_sent_at >= self.ping_timeout:
+                self._cut(f"no answer to a ping within {self.ping_timeout:g} s")
+                return
+            self._schedule_keepalive(self._ping_sent_at + self.ping_timeout - now)
+        elif now - heard >= self.ping_interval:
+            self._ping_sent_at = now
+            gevent.spawn(self._ping)
+            self._schedule_keepalive(self.ping_timeout)
+        else:
+            self._ping_sent_at = None
+            self._schedule_keepalive(heard + self.ping_interval - now)
+
+    def _ping(self) -> None:
+        with contextlib.suppress(OSError):  # the tunnel may end meanwhile
+            self._send(OP_PING, b"")
 
     # Supervision -----------------------------------------------------------
 
@@ -185,6 +233,8 @@ class Pump:
             self.failed = reset and not clean
         if self.failed:
             _reset(self.plain)
+        if self._keepalive is not None:
+            self._keepalive.close()
         if self._plain_readable is not None:
             self._plain_readable.close()  # before its fd is closed, and maybe reused
         self.plain.close()
