@@ -35,14 +35,15 @@ def _is_wildcard(spec: str) -> bool:
         return False
 
 
-def _positive_seconds(text: str) -> float:
-    """argparse type for --dial-timeout: a finite number of seconds above zero."""
+def _seconds(text: str, *, zero: bool = False) -> float:
+    """argparse type: a finite number of seconds above zero (or zero, where that means off)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        kind = "zero or a positive" if zero else "a positive"
+        raise argparse.ArgumentTypeError(f"must be {kind} number of seconds: {text!r}")
     return value
 
 
@@ -65,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--token", help="bearer token (env SLICER_TOKEN)")
     auth.add_argument("--token-file", metavar="FILE",
                       help="read the bearer token from FILE (env SLICER_TOKEN_FILE)")
-    parser.add_argument("--dial-timeout", type=_positive_seconds, metavar="SECONDS",
+    parser.add_argument("--dial-timeout", type=_seconds, metavar="SECONDS",
                         help="bound on proxy + connect + TLS + upgrade per tunnel (default 10)")
+    parser.add_argument("--ping-interval", type=lambda t: _seconds(t, zero=True),
+                        metavar="SECONDS", help="ping a daemon silent this long (default 30; "
+                        "0 turns keepalive off)")
+    parser.add_argument("--ping-timeout", type=_seconds, metavar="SECONDS",
+                        help="cut a tunnel whose ping gets no answer this long (default 10)")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--ca-file", metavar="FILE",
                        help="trust only the CA certificates in FILE (PEM) for an https:// "
@@ -122,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _warn(f"the token travels unencrypted to {endpoint.describe()}: use https://")
     options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token,
                       ca_file=args.ca_file, insecure=args.insecure, proxy=args.proxy)
-    if args.dial_timeout is not None:
-        options.dial_timeout = args.dial_timeout
+    for name in ("dial_timeout", "ping_interval", "ping_timeout"):
+        if getattr(args, name) is not None:
+            setattr(options, name, getattr(args, name))
 
     def announce(forwarder: Forwarder) -> None:
         """Runs once every listener is bound, so the lines carry the real ports."""

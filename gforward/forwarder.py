@@ -40,6 +40,8 @@ class Options:
     client_id: str | None = None  # default: socket.gethostname()
     user_agent: str | None = None  # default: gforward/<version>
     dial_timeout: float = 10.0  # seconds, bounds proxy + connect + TLS + upgrade
+    ping_interval: float = 30.0  # seconds of silence from the daemon before a Ping; 0: never
+    ping_timeout: float = 10.0  # seconds more without a byte before the tunnel is cut
     logger: logging.Logger | None = None  # default: logging.getLogger("gforward")
     # TLS, for https:// daemons (ignored otherwise); at most one of the three:
     ssl_context: stdlib_ssl.SSLContext | None = None  # full control, used as given
@@ -70,8 +72,21 @@ class _Settings:
     client_id: str
     user_agent: str
     dial_timeout: float
+    ping_interval: float
+    ping_timeout: float
     tls: ssl.SSLContext | None
     proxy: Proxy | None
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret starred out: a daemon or proxy may echo our headers
+        back in a refusal's body, and that body goes to the log."""
+        secrets = [self.token]
+        if self.proxy is not None:
+            credentials = self.proxy.authorization()  # "Basic <base64>"
+            secrets += [self.proxy.password, credentials.split()[-1] if credentials else ""]
+        for secret in filter(None, secrets):
+            text = text.replace(secret, "***")
+        return text
 
     def proxy_handshake(self) -> ConnectHandshake | None:
         """A fresh CONNECT exchange for one tunnel, when a proxy is in the way."""
@@ -150,11 +165,12 @@ class Forwarder(Service):
                 )
             except (ForwardError, OSError) as exc:
                 if not connection.aborted:
-                    self._log.warning("tunnel %s failed: %s", name, exc)
+                    self._log.warning("tunnel %s failed: %s", name, settings.redact(str(exc)))
                 local.close()
                 return
             self._log.debug("tunnel %s opened", name)
-            pump = Pump(local, ws, client=True, trailing=trailing)
+            pump = Pump(local, ws, client=True, trailing=trailing,
+                        ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout)
             pump.run()
             reason = "forwarder closed" if connection.aborted else pump.reason
             level = logging.WARNING if pump.failed and not connection.aborted else logging.DEBUG
@@ -185,6 +201,11 @@ def _check(options: Options) -> tuple[list[AddressMapping], _Settings]:
         raise ValueError("vm_name is empty")
     if not options.dial_timeout > 0:
         raise ValueError(f"dial_timeout must be positive, not {options.dial_timeout!r}")
+    for name in ("ping_interval", "ping_timeout"):
+        if not getattr(options, name) >= 0:
+            raise ValueError(f"{name} must be 0 (off) or positive, not {getattr(options, name)!r}")
+    if options.ping_interval > 0 and not options.ping_timeout > 0:
+        raise ValueError("ping_timeout must be positive when ping_interval is")
     mappings = [parse_address_mapping(spec) for spec in options.specs]
     endpoint = parse_base_url(options.base_url)
     settings = _Settings(
@@ -194,6 +215,8 @@ def _check(options: Options) -> tuple[list[AddressMapping], _Settings]:
         client_id=options.client_id or stdlib_socket.gethostname(),
         user_agent=options.user_agent or f"gforward/{__version__}",
         dial_timeout=options.dial_timeout,
+        ping_interval=options.ping_interval,
+        ping_timeout=options.ping_timeout,
         tls=_tls(options, endpoint),
         proxy=select_proxy(endpoint.scheme, endpoint.host, endpoint.port,
                            explicit=options.proxy, environ=os.environ),
