@@ -106,9 +106,14 @@ class Pump:
             self._cut("", reset=False)
 
     def _start_plain_to_ws(self) -> None:
-        """The watcher's callback, in the hub: plain spoke (or closed), so give it a greenlet."""
-        self._plain_readable.stop()
-        self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws, _TO_WS)
+        """The watcher's callback, in the hub: plain spoke (or closed), so give it a greenlet.
+
+        Also called once WebSocket -> plain is done: the tunnel's end then waits on
+        plain, and a greenlet blocked in recv is what a close() or the linger can end.
+        """
+        if self._plain_to_ws_greenlet is None:
+            self._plain_readable.stop()
+            self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws, _TO_WS)
 
     # Each direction --------------------------------------------------------
 
@@ -219,6 +224,8 @@ class Pump:
         self._finished += 1
         if self._finished == 2:
             self._both_finished.set()
+        elif index == _TO_PLAIN:
+            self._start_plain_to_ws()
         while not self._both_finished.wait(self.linger):
             if time.monotonic() - self._last[1 - index] >= self.linger:
                 self._cut(f"no data for {self.linger:g} s after the other side finished",

@@ -11,14 +11,31 @@ the app's blocking calls never starve them.  `close()` and `wait()` work from
 any thread or greenlet: they cross into the hub with
 `loop.run_callback_threadsafe` and wait on a lock that any thread can wait
 on (a gevent Event only wakes greenlets of its own hub).
+
+Exit: services still open when the interpreter exits are closed by an
+atexit hook, last opened first, within EXIT_TIMEOUT, so unix socket files are
+removed and a plain app's hub thread (a daemon thread) is stopped by closing
+its sockets rather than frozen in the middle of a write.
+
+Fork: a forked child inherits copies of every open service, sharing the
+parent's listening and tunnel sockets.  Those belong to the parent, so right
+after fork the child detaches them (see `_detach_inherited`): the child's
+references to the sockets are dropped at once (the parent's port or unix
+file is not held open by the child, and a tunnel's EOF is not delayed by
+it), nothing of them is served in the child, and close(), wait() and the
+exit hook treat them as already closed there, without touching the
+parent's files or hub.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
+import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,10 +55,13 @@ Handler = Callable[[socket.socket, Any], None]
 Binder = Callable[[], "tuple[ListeningSocket, Handler]"]  # binds one listener, or raises
 _S = TypeVar("_S", bound="Service")
 JOIN_TIMEOUT = 2.0  # how long close() lets handlers finish after their sockets closed
+EXIT_TIMEOUT = 10.0  # how long the exit hook waits for open services to close
 
 _allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
 _thread_id = gevent.monkey.get_original("_thread", "get_ident")  # per OS thread, even patched
 _live: weakref.WeakSet[Service] = weakref.WeakSet()
+_orphans: list[Service] = []  # detached in a forked child, their hub gone: never freed
+_opened = itertools.count()  # the order services opened in, for closing them at exit
 
 
 class _Latch:
@@ -58,10 +78,44 @@ class _Latch:
             self._lock.release()
 
     def wait(self, timeout: float | None) -> bool:
+        """True once set.  Waiters pass the lock along, so a short timeout can
+        expire while another waiter holds it for a moment: `is_set` decides."""
+        if self.is_set:
+            return True
         if self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             self._lock.release()
             return True
-        return False
+        return self.is_set
+
+
+class _AcceptFailed(gevent.GreenletExit):  # type: ignore[misc]
+    """A failed accept(), already logged.  gevent's server backs off on any error
+    from do_read (10 ms, doubling to 1 s), and its hub prints no exception of
+    the Hub.NOT_ERROR kinds (GreenletExit among them): so the app's logger, not
+    stderr, hears of it, once per run of failures."""
+
+
+class _Server(StreamServer):  # type: ignore[misc]  # gevent ships no type hints
+    """gevent's StreamServer, with failed accepts (EMFILE: out of descriptors) logged."""
+
+    log: logging.Logger
+    _failing = False
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if self.is_fatal_error(exc):
+                raise
+            if not self._failing:
+                self._failing = True
+                self.log.warning("cannot accept on %s: %s; retrying, backing off up to %g s",
+                                 self.address, exc.strerror or exc, self.max_delay)
+            raise _AcceptFailed() from exc
+        if self._failing and accepted:
+            self._failing = False
+            self.log.warning("accepting on %s again", self.address)
+        return accepted
 
 
 class Connection:
@@ -88,22 +142,35 @@ class Service:
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
         self._listening: list[ListeningSocket] = []
-        self._servers: list[StreamServer] = []
+        self._servers: list[_Server] = []
         self._connections: set[Connection] = set()
         self._pool: Pool | None = None
         self._closing = False
+        self._detached = False  # an inherited copy in a forked child: the parent's, not ours
         self._closed_here: Event | None = None  # for waiters in the hub's thread
         self._closed_anywhere = _Latch()  # for waiters in other threads
         self._hub_thread: int | None = None
         self._hub: Any = None
-        self._hub_alive = threading.Lock()  # held while callbacks may still be sent to the hub
+        # Held while callbacks may still be sent to the hub.  A real lock even in a
+        # patched process: a thread outside the hub may take it.
+        self._hub_alive = _allocate_lock()
         self._thread: threading.Thread | None = None
+        self._order = -1
 
     # Starting -------------------------------------------------------------
 
     def _open(self, binders: list[Binder], name: str) -> None:
-        """Bind and start serving; raises in the caller if any bind fails."""
-        if gevent.monkey.is_module_patched("socket") or gevent.getcurrent().parent is not None:
+        """Bind and start serving; raises in the caller if any bind fails.
+
+        With `threading` patched, a thread of our own would only be a greenlet of
+        the caller's hub (and destroying "its" hub would destroy the caller's),
+        so that case joins the caller's hub openly.
+        """
+        if (
+            gevent.monkey.is_module_patched("socket")
+            or gevent.monkey.is_module_patched("threading")
+            or gevent.getcurrent().parent is not None
+        ):
             self._serve(binders)
         else:
             started = threading.Event()
@@ -116,6 +183,7 @@ class Service:
             if failure:
                 self._thread.join()
                 raise failure[0]
+        self._order = next(_opened)
         _live.add(self)
 
     def _thread_main(
@@ -154,7 +222,8 @@ class Service:
             raise
         for listening, handler in bound:
             self._listening.append(listening)
-            server = StreamServer(listening.sock, handler, spawn=self._pool)
+            server = _Server(listening.sock, handler, spawn=self._pool)
+            server.log = self._log
             self._servers.append(server)
             server.start()
 
@@ -173,30 +242,49 @@ class Service:
         """Stop listening and end every connection; idempotent, from any thread.
 
         Called from one of our own connection greenlets (a log handler, say),
-        it does not wait for that greenlet, which could never end first.
+        it does not wait for that greenlet, which could never end first.  In a
+        forked child, an inherited service is already closed (`detached`).
         """
+        if not self._detached:
+            self._request_close()
+            self._finish(None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until closed; False if `timeout` seconds passed first."""
+        return self._detached or self._await_closed(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_anywhere.is_set
+
+    @property
+    def detached(self) -> bool:
+        """Whether this is a forked child's copy: closed here, still the parent's to serve."""
+        return self._detached
+
+    def _request_close(self) -> None:
+        """Start closing without waiting for it, from any thread."""
         if _thread_id() == self._hub_thread:
             self._begin_close(spare=gevent.getcurrent())
-            assert self._closed_here is not None
-            self._closed_here.wait()
             return
         with self._hub_alive:
             if self._hub is not None:
                 self._hub.loop.run_callback_threadsafe(self._begin_close)
-        self._closed_anywhere.wait(None)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until closed; False if `timeout` seconds passed first."""
+    def _await_closed(self, timeout: float | None) -> bool:
         if _thread_id() == self._hub_thread:
             assert self._closed_here is not None
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed_anywhere.is_set
+    def _finish(self, timeout: float | None) -> bool:
+        """Wait until closed and, for a plain app, until the hub thread has freed its hub."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._await_closed(timeout):
+            return False
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        return True
 
     def _begin_close(self, spare: Any = None) -> None:
         if not self._closing:
@@ -208,7 +296,10 @@ class Service:
         for server in self._servers:
             server.close()
         for listening in self._listening:
-            listening.close()
+            if self._detached:  # a teardown under way when the process forked: not our file
+                listening.sock.close()
+            else:
+                listening.close()
         for connection in list(self._connections):
             connection.abort()
         assert self._pool is not None
@@ -222,6 +313,44 @@ class Service:
         self._closed_here.set()
         self._closed_anywhere.set()
 
+    # Forking --------------------------------------------------------------
+
+    def _detach(self) -> None:
+        """In a forked child, first thing: leave this service to the parent.
+
+        Its sockets are the parent's too.  The child's hold on them is dropped
+        at once (`_release`), so the parent alone decides when a port is free
+        or a local client sees EOF.  If its hub is the forking thread's, that
+        hub lives on in the child (gevent re-initialises it after fork): the
+        servers are stopped, not-yet-started handlers never start, and the
+        running ones see their sockets closed and end, each touching only its
+        own closed objects.  Otherwise its hub's thread does not exist here:
+        nothing of that hub may run or be touched, not even its loop, whose
+        epoll set the parent shares; the service is kept referenced so that
+        its greenlets are never collected.
+        """
+        self._detached = self._closing = True
+        _live.discard(self)
+        handlers = list(self._pool or ())
+        sockets = [listening.sock for listening in self._listening]
+        sockets += [sock for connection in self._connections for sock in connection.sockets]
+        sockets += [g.args[0] for g in handlers if g.args and isinstance(g.args[0], socket.socket)]
+        _release(sockets)
+        if self._hub_thread == _thread_id():
+            for server in self._servers:
+                server.close()
+            current = gevent.getcurrent()
+            for handler in handlers:
+                if handler.gr_frame is None and not handler.dead and handler is not current:
+                    handler.kill(block=False)  # spawned, never run: it would find its socket gone
+            for connection in list(self._connections):
+                connection.abort()
+            assert self._closed_here is not None
+            self._closed_here.set()
+        else:
+            _orphans.append(self)
+        self._closed_anywhere.set()
+
     def __enter__(self: _S) -> _S:
         return self
 
@@ -232,6 +361,34 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _release(sockets: list[socket.socket]) -> None:
+    """Drop this process's hold on sockets it shares with its parent, now.
+
+    Each descriptor is pointed at /dev/null rather than closed, so that its
+    number stays taken: the socket objects still own it and will close it some
+    day, which must not close a descriptor opened since for something else.
+    """
+    fds = {sock.fileno() for sock in sockets} - {-1}
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _detach_inherited() -> None:
+    """os.register_at_fork(after_in_child=...): every open service is the parent's."""
+    for service in list(_live):
+        try:
+            service._detach()
+        except Exception:  # an at-fork hook must not fail the fork
+            service._log.warning("could not detach an inherited service after fork",
+                                 exc_info=True)
 
 
 def serve_until_signalled(launch: Callable[[], _S], announce: Callable[[_S], None]) -> None:
@@ -255,6 +412,20 @@ def serve_until_signalled(launch: Callable[[], _S], announce: Callable[[_S], Non
 
 @atexit.register
 def _close_live_services() -> None:
-    """An app that exits with a forwarder open must not leave socket files behind."""
-    for service in list(_live):
-        service.close()
+    """An app that exits with services open must not leave socket files behind.
+
+    Last opened, first closed, as nested `with` blocks would: a forwarder goes
+    before the daemon its tunnels lead to (in tests, both live here), so its
+    tunnels end as closed rather than as cut.  The wait is bounded, so that a
+    hub that cannot run (a log handler stuck in its thread, say) delays the
+    exit but never hangs it.
+    """
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    for service in sorted(_live, key=lambda s: s._order, reverse=True):
+        service._request_close()
+        if not service._finish(max(deadline - time.monotonic(), 0.0)):
+            service._log.warning("still open %g s after exit began; leaving it", EXIT_TIMEOUT)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_detach_inherited)

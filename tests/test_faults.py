@@ -819,8 +819,6 @@ def test_emfile_listener_backs_off_and_serves_again(emfile_run: dict[str, Any]) 
                   "the waiting client is served", run["recovery"]))
 
 
-@pytest.mark.xfail(reason="bug: accept() errors reach gevent's hub (a traceback on stderr per "
-                          "retry), not the forwarder's logger", strict=True)
 def test_emfile_is_logged_through_the_forwarder_logger(emfile_run: dict[str, Any]) -> None:
     lines = emfile_run["stderr"].splitlines()
     logged = [line for line in lines if line.startswith("WARNING gforward")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -103,8 +104,12 @@ def refused(listener: gforward.Listener, payload: bytes = b"hello") -> bool:
     """Whether a tunnel fails: the client gets no byte back, only EOF or a reset."""
     try:
         return echo_once(address(listener), payload) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         return True
+    except OSError as exc:  # shutdown() after the reset arrived: ENOTCONN
+        if exc.errno == errno.ENOTCONN:
+            return True
+        raise
 
 
 def run_app(script: str, *args: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:
