@@ -68,7 +68,7 @@ class Daemon(Service):
         binders += [self._binder(AddressMapping("", listen_unix_path=p)) for p in unix]
         if not binders:
             raise ValueError("nothing to listen on: give a TCP address or a unix path")
-        self._open(binders, name="gforward daemon")
+        self._open(binders)
 
     @property
     def url(self) -> str:

@@ -124,7 +124,7 @@ class Forwarder(Service):
             self._log.info("reaching %s through proxy %s", endpoint.describe(),
                            self._settings.proxy.describe())
         self.listeners: list[Listener] = []
-        self._open([self._binder(m) for m in mappings], name=f"gforward {options.vm_name}")
+        self._open([self._binder(m) for m in mappings])
 
     def _binder(self, mapping: AddressMapping) -> Binder:
         """Binds one mapping's listener and records it (run in the hub)."""

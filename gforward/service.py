@@ -6,16 +6,19 @@ gevent's own `BaseServer` but for several sockets at once.
 
 Which hub: in a process that gevent has patched, or when called from inside
 a greenlet, the servers join the caller's hub, as the app's other greenlets
-do.  In a plain process they get a native thread with a hub of its own, so
-the app's blocking calls never starve them.  `close()` and `wait()` work from
+do.  In a plain process they run in "gforward hub", a native thread with a
+hub of its own, so the app's blocking calls never starve them; one such
+thread serves every service of the process and lives as long as it does
+(gevent never frees the hub of a thread that ended, so a thread per
+forwarder would leak one hub each time).  `close()` and `wait()` work from
 any thread or greenlet: they cross into the hub with
 `loop.run_callback_threadsafe` and wait on a lock that any thread can wait
 on (a gevent Event only wakes greenlets of its own hub).
 
 Exit: services still open when the interpreter exits are closed by an
 atexit hook, last opened first, within EXIT_TIMEOUT, so unix socket files are
-removed and a plain app's hub thread (a daemon thread) is stopped by closing
-its sockets rather than frozen in the middle of a write.
+removed and no tunnel is left for the hub thread (a daemon thread) to be
+frozen in the middle of a write.
 
 Fork: a forked child inherits copies of every open service, sharing the
 parent's listening and tunnel sockets.  Those belong to the parent, so right
@@ -136,6 +139,61 @@ class Connection:
             sock.close()
 
 
+class _HubThread:
+    """The native thread, with a hub of its own, that serves a plain app's services."""
+
+    _shared: _HubThread | None = None
+    _lock = _allocate_lock()
+
+    @classmethod
+    def shared(cls) -> _HubThread:
+        """The process's one hub thread, started on first use."""
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the parent's hub thread does not exist here."""
+        cls._lock = _allocate_lock()
+        cls._shared = None
+
+    def __init__(self) -> None:
+        ready = threading.Event()
+        self.hub: Any = None
+        thread = threading.Thread(target=self._main, args=(ready,), name="gforward hub",
+                                  daemon=True)
+        thread.start()
+        ready.wait()
+
+    def _main(self, ready: threading.Event) -> None:
+        self.hub = gevent.get_hub()
+        # A started async watcher keeps the loop from running dry between services.
+        self._keepalive = self.hub.loop.async_()
+        self._keepalive.start(lambda: None)
+        ready.set()
+        self.hub.join()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in a greenlet of this hub; return, or raise what it raised, in the caller."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # handed to the caller's thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self.hub.loop.run_callback_threadsafe(gevent.spawn, run)
+        done.wait()
+        if failure:
+            raise failure[0]
+
+
 class Service:
     """Listening sockets served in one hub, with a lifecycle any thread can drive."""
 
@@ -151,20 +209,15 @@ class Service:
         self._closed_anywhere = _Latch()  # for waiters in other threads
         self._hub_thread: int | None = None
         self._hub: Any = None
-        # Held while callbacks may still be sent to the hub.  A real lock even in a
-        # patched process: a thread outside the hub may take it.
-        self._hub_alive = _allocate_lock()
-        self._thread: threading.Thread | None = None
         self._order = -1
 
     # Starting -------------------------------------------------------------
 
-    def _open(self, binders: list[Binder], name: str) -> None:
+    def _open(self, binders: list[Binder]) -> None:
         """Bind and start serving; raises in the caller if any bind fails.
 
         With `threading` patched, a thread of our own would only be a greenlet of
-        the caller's hub (and destroying "its" hub would destroy the caller's),
-        so that case joins the caller's hub openly.
+        the caller's hub, so that case joins the caller's hub openly.
         """
         if (
             gevent.monkey.is_module_patched("socket")
@@ -173,38 +226,9 @@ class Service:
         ):
             self._serve(binders)
         else:
-            started = threading.Event()
-            failure: list[BaseException] = []
-            self._thread = threading.Thread(
-                target=self._thread_main, args=(binders, started, failure), name=name, daemon=True
-            )
-            self._thread.start()
-            started.wait()
-            if failure:
-                self._thread.join()
-                raise failure[0]
+            _HubThread.shared().call(lambda: self._serve(binders))
         self._order = next(_opened)
         _live.add(self)
-
-    def _thread_main(
-        self,
-        binders: list[Binder],
-        started: threading.Event,
-        failure: list[BaseException],
-    ) -> None:
-        """A plain app's hub thread: serve until closed, then free the hub."""
-        hub = gevent.get_hub()
-        try:
-            self._serve(binders)
-        except BaseException as exc:  # handed to start() in the caller's thread
-            failure.append(exc)
-        started.set()
-        if not failure:
-            assert self._closed_here is not None
-            self._closed_here.wait()
-        with self._hub_alive:
-            self._hub = None
-        hub.destroy(destroy_loop=True)
 
     def _serve(self, binders: list[Binder]) -> None:
         """In the hub: bind every listener (all or nothing), then start accepting."""
@@ -247,7 +271,7 @@ class Service:
         """
         if not self._detached:
             self._request_close()
-            self._finish(None)
+            self._await_closed(None)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until closed; False if `timeout` seconds passed first."""
@@ -266,25 +290,14 @@ class Service:
         """Start closing without waiting for it, from any thread."""
         if _thread_id() == self._hub_thread:
             self._begin_close(spare=gevent.getcurrent())
-            return
-        with self._hub_alive:
-            if self._hub is not None:
-                self._hub.loop.run_callback_threadsafe(self._begin_close)
+        else:
+            self._hub.loop.run_callback_threadsafe(self._begin_close)
 
     def _await_closed(self, timeout: float | None) -> bool:
         if _thread_id() == self._hub_thread:
             assert self._closed_here is not None
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
-
-    def _finish(self, timeout: float | None) -> bool:
-        """Wait until closed and, for a plain app, until the hub thread has freed its hub."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._await_closed(timeout):
-            return False
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        return True
 
     def _begin_close(self, spare: Any = None) -> None:
         if not self._closing:
@@ -383,6 +396,7 @@ def _release(sockets: list[socket.socket]) -> None:
 
 def _detach_inherited() -> None:
     """os.register_at_fork(after_in_child=...): every open service is the parent's."""
+    _HubThread.forget()
     for service in list(_live):
         try:
             service._detach()
@@ -423,7 +437,7 @@ def _close_live_services() -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT
     for service in sorted(_live, key=lambda s: s._order, reverse=True):
         service._request_close()
-        if not service._finish(max(deadline - time.monotonic(), 0.0)):
+        if not service._await_closed(max(deadline - time.monotonic(), 0.0)):
             service._log.warning("still open %g s after exit began; leaving it", EXIT_TIMEOUT)
 
 

@@ -145,8 +145,8 @@ def test_idle_process_uses_no_cpu(mode: str, short_tmp: str) -> None:
     report = json.loads(lines[-1])
     assert report["wall"] >= 1.9
     assert report["cpu"] < 0.2, report
-    if mode == "plain":
-        assert len(report["hub_cpu"]) == 3, report
+    if mode == "plain":  # one shared hub thread serves all three services
+        assert list(report["hub_cpu"]) == ["gforward hub"], report
     assert all(cpu < 0.1 for cpu in report["hub_cpu"].values()), report
 
 

@@ -648,11 +648,15 @@ def test_guest_half_close_does_not_cut_the_upload(daemon: gforward.daemon.Daemon
     EOF, and every byte it sends after that still reaches the guest."""
     upload = os.urandom(1 << 20)
     got: list[bytes] = []
+    guest_done = threading.Event()
 
     def answer_first(sock: socket.socket) -> None:
         sock.sendall(b"answer\n")
         sock.shutdown(socket.SHUT_WR)
-        got.append(read_to_eof(sock))
+        try:
+            got.append(read_to_eof(sock))
+        finally:
+            guest_done.set()
 
     with Guest(answer_first) as guest, forward(
         daemon.url, guest.target, token=TOKEN
@@ -662,6 +666,9 @@ def test_guest_half_close_does_not_cut_the_upload(daemon: gforward.daemon.Daemon
             sock.sendall(upload)
             sock.shutdown(socket.SHUT_WR)
         end = watch_end(sock)
+        # The client saw EOF long ago; the upload is still on its way: closing the
+        # forwarder now would cut it, so wait for the guest's end of it.
+        guest_done.wait(10)
     assert (end.seen, end.data) == ("EOF", b"")
     assert got == [upload], f"the guest got {len(got[0]) if got else 0} of {len(upload)} bytes"
 

@@ -283,9 +283,6 @@ def _until_end(sock: socket.socket) -> None:
         pass
 
 
-@pytest.mark.xfail(reason="bug: each start()/close() in a plain process leaks its hub thread's "
-                          "Hub and main greenlet (service._thread_main destroys the hub without "
-                          "killing its threadpool first)", strict=True)
 @pytest.mark.timeout(60)
 def test_repeated_start_and_close_leave_nothing_behind(daemon_url: str) -> None:
     """A forwarder's fixed overhead is freed by the next one: five in a row hold no more."""

@@ -27,6 +27,7 @@ if sys.argv[1] == "patched":
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from typing import Any, Callable
@@ -50,11 +51,28 @@ def exchange_through(fwd: gforward.Forwarder, payload: bytes) -> None:
         support.exchange(sock, payload)
 
 
+class _Threads(logging.Handler):
+    """Which thread (greenlet, when patched) each record came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int | None] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.add(record.thread)
+
+
 def open_forward(name: str) -> tuple[gforward.Forwarder, bool]:
-    """start() from this request's greenlet; also whether it got a hub thread of its own."""
+    """start() from this request's greenlet; also whether it bound its listeners
+    elsewhere (another thread's hub) rather than here, in the caller's hub."""
+    threads = _Threads()
+    logger = logging.getLogger(f"wsgi_forward.{name}")
+    logger.addHandler(threads)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     fwd = gforward.start(base_url=where["daemon"], vm_name=name,
-                         specs=[f"127.0.0.1:0:{where['echo']}"])
-    own_thread = any(t.name == f"gforward {name}" for t in threading.enumerate())
+                         specs=[f"127.0.0.1:0:{where['echo']}"], logger=logger)
+    own_thread = threads.seen != {threading.get_ident()}  # "listening on" came from elsewhere
     return fwd, own_thread
 
 
