@@ -1,64 +1,36 @@
-"""Fixtures shared by the tests: guest services and daemons on loopback, cleaned up after."""
+"""Fixtures shared by the tests: guests, daemons, programs and logs, cleaned up after.
+
+Helpers that are not fixtures are in tests/support.py; fake daemons, guests and
+subprocesses in tests/peers.py.
+"""
 
 from __future__ import annotations
 
+import http.server
+import logging
 import os
 import socket
-import socketserver
 import tempfile
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 import gforward.daemon
+from tests.peers import READ_TIMEOUT, Guest, Programs, echo_until_eof
 
+if TYPE_CHECKING:
+    import trustme
 
-class _EchoHandler(socketserver.BaseRequestHandler):
-    """Echo until EOF, then half-close: the guest side of most tunnel tests."""
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        try:
-            while True:
-                data = sock.recv(256 * 1024)
-                if not data:
-                    break
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-class _TCPEcho(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-
-class _UnixEcho(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    request_queue_size = 1024
-
-
-def _serve(server: socketserver.BaseServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+# Guests: the services inside the "VM" -------------------------------------------------
 
 
 @pytest.fixture
 def echo_server() -> Iterator[str]:
-    """A TCP echo service; yields its "127.0.0.1:port" (an upstream target)."""
-    server = _TCPEcho(("127.0.0.1", 0), _EchoHandler)
-    host, port = server.server_address[:2]
-    for _ in _serve(server):
-        yield f"{host}:{port}"
+    """A TCP echo guest; yields its "127.0.0.1:port" (an upstream target)."""
+    with Guest(echo_until_eof) as guest:
+        yield guest.target
 
 
 @pytest.fixture
@@ -70,11 +42,51 @@ def short_tmp() -> Iterator[str]:
 
 @pytest.fixture
 def unix_echo_server(short_tmp: str) -> Iterator[str]:
-    """A unix-socket echo service; yields its path."""
-    path = os.path.join(short_tmp, "guest.sock")
-    server = _UnixEcho(path, _EchoHandler)
-    for _ in _serve(server):
-        yield path
+    """A unix-socket echo guest; yields its path."""
+    with Guest(echo_until_eof, os.path.join(short_tmp, "guest.sock")) as guest:
+        yield guest.target
+
+
+class _HTTPGuestHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"guest says {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_guest() -> Iterator[str]:
+    """An HTTP server answering "guest says {path}"; yields "127.0.0.1:port"."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HTTPGuestHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(READ_TIMEOUT)
+
+
+@pytest.fixture
+def upstream_hole() -> Iterator[socket.socket]:
+    """A bound loopback port nobody listens on (yet): connecting there is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+# Daemons, certificates and programs ---------------------------------------------------
 
 
 @pytest.fixture
@@ -84,17 +96,29 @@ def daemon() -> Iterator[gforward.daemon.Daemon]:
         yield d
 
 
-def echo_once(address: tuple[str, int] | str, payload: bytes, timeout: float = 10.0) -> bytes:
-    """Connect, send `payload`, half-close, and read everything back."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            data = sock.recv(256 * 1024)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A certificate authority of the module's own (trusted nowhere until a test says so)."""
+    import trustme  # here, not above: a module that needs no CA runs without trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def programs() -> Iterator[Programs]:
+    """Every program the test starts (tests.peers.Programs), killed at its end."""
+    every = Programs()
+    try:
+        yield every
+    finally:
+        every.close()
+
+
+# Logs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gflog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Every gforward record down to DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="gforward")
+    return caplog

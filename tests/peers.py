@@ -5,13 +5,20 @@
   exact bytes a daemon answers: a refusal, a bad Sec-WebSocket-Accept,
   silence, half a status line, a ping.  Its frame codec is written here
   from RFC 6455, independently of gforward.frames.
-* `Guest`: a TCP service in threads (the upstream inside the "VM"), running
-  one handler per connection.
+* `Guest`: a TCP or unix-socket service in threads (the upstream inside the
+  "VM"), running one handler per connection; `echo_until_eof` is the echo
+  guest every test uses (conftest's `echo_server` and `unix_echo_server`).
+* Scripts most fake daemons share: `accept_then_echo`, `accept_then_close`,
+  `silent`, `accept_tcp_only`, `answer_then_wait`.
 * `LoadLoop` and `Stream`: thousands of client and guest connections driven
   by one thread with a selector, each sending known bytes and hashing what
   it reads (the load tests and benchmarks/soak.py).
 * `announced`: a program of ours in a process of its own (the reference
-  daemon, the gforward command line), once it has printed where it listens.
+  daemon, the gforward command line), once it has printed where it listens;
+  `daemon_process`, the reference daemon that way.
+* `Program` and `Programs`: programs run as a user runs them, stdout read line
+  by line with a timeout and stderr collected (conftest's `programs`), with
+  `clean_env` (no SLICER_* or proxy variables from the caller).
 * The gevent-websocket peer, a WebSocket implementation other than ours:
   `python -m tests.peers gws [--prefix /p]` serves gevent.pywsgi with
   geventwebsocket's handler in its own process, prints
@@ -32,7 +39,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -173,13 +182,18 @@ class Peer:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def accept(self, accept: str | None = None) -> None:
-        """Answer the request with a 101; `accept` overrides the correct Sec-WebSocket-Accept."""
+    def accept(self, accept: str | None = None, *, then: bytes = b"") -> None:
+        """Answer the request with a 101; `accept` overrides the correct Sec-WebSocket-Accept.
+
+        `then` (frames, say) goes in the same send as the 101, so that the
+        client reads it along with the upgrade's answer.
+        """
         assert self.request is not None
         key = self.request.get("Sec-WebSocket-Key") or ""
         self.send(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             + f"Sec-WebSocket-Accept: {accept or accept_key(key)}\r\n\r\n".encode()
+            + then
         )
 
     def send_frame(self, opcode: int, payload: bytes = b"") -> None:
@@ -235,12 +249,19 @@ Script = Callable[[Peer], None]
 
 
 class _ThreadedServer:
-    """A listening socket whose connections each run `handle` in a thread of their own."""
+    """A listening socket whose connections each run `handle` in a thread of their own.
 
-    def __init__(self, family: int, address: str | tuple[str, int]) -> None:
+    It listens on the unix socket `unix_path` when given, else on a free port of `host`.
+    """
+
+    BACKLOG = 64
+
+    def __init__(self, unix_path: str, host: str) -> None:
+        family = (socket.AF_UNIX if unix_path
+                  else socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._listener = socket.socket(family, socket.SOCK_STREAM)
-        self._listener.bind(address)
-        self._listener.listen(64)
+        self._listener.bind(unix_path or (host, 0))
+        self._listener.listen(self.BACKLOG)
         self.address = self._listener.getsockname()
         self.errors: list[BaseException] = []
         self._stopping = False
@@ -250,6 +271,10 @@ class _ThreadedServer:
         self._count = 0
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
         self._acceptor.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.address[1])
 
     def handle(self, sock: socket.socket, index: int) -> None:
         raise NotImplementedError
@@ -314,15 +339,7 @@ class FakeDaemon(_ThreadedServer):
         assert scripts
         self._scripts = scripts
         self.peers: list[Peer] = []
-        if unix_path:
-            super().__init__(socket.AF_UNIX, unix_path)
-        else:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            super().__init__(family, (host, 0))
-
-    @property
-    def port(self) -> int:
-        return int(self.address[1])
+        super().__init__(unix_path, host)
 
     @property
     def url(self) -> str:
@@ -346,21 +363,24 @@ class FakeDaemon(_ThreadedServer):
 class Guest(_ThreadedServer):
     """A service on loopback or a unix path running `handler(sock)` per connection.
 
-    `target` is what a spec's remote side names: "127.0.0.1:port" or the path.
+    `target` is what a spec's remote side names: "127.0.0.1:port", "[::1]:port"
+    or the path.  A handler's exception fails the test when the guest closes,
+    unless the guest was closing already.
     """
 
-    def __init__(self, handler: Callable[[socket.socket], None], unix_path: str = "") -> None:
+    BACKLOG = 1024  # a test may open hundreds of tunnels at once
+
+    def __init__(self, handler: Callable[[socket.socket], None], unix_path: str = "",
+                 host: str = "127.0.0.1") -> None:
         self._handler = handler
-        if unix_path:
-            super().__init__(socket.AF_UNIX, unix_path)
-        else:
-            super().__init__(socket.AF_INET, ("127.0.0.1", 0))
+        super().__init__(unix_path, host)
 
     @property
     def target(self) -> str:
         if isinstance(self.address, str):
             return self.address
-        return f"127.0.0.1:{self.address[1]}"
+        host = self.address[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def handle(self, sock: socket.socket, index: int) -> None:
         sock.settimeout(PEER_TIMEOUT)
@@ -376,13 +396,60 @@ def reset_on_close(sock: socket.socket) -> None:
 
 
 def echo_until_eof(sock: socket.socket) -> None:
-    """A guest handler: echo, then half-close once the client has."""
-    while True:
-        data = sock.recv(256 * 1024)
-        if not data:
-            break
-        sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
+    """A guest handler: echo, then half-close once the client has.
+
+    A connection the daemon cuts (a reset, a broken pipe: the tunnel ended
+    abruptly, as many tests make it) ends the echo quietly; any other error,
+    a timeout included, fails the test when the guest closes.
+    """
+    try:
+        while data := sock.recv(256 * 1024):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+            raise
+
+
+# Fake daemon scripts that several test modules use -----------------------------
+
+
+def accept_then_echo(peer: Peer) -> None:
+    """Upgrade, echo every data frame, answer the client's Close."""
+    peer.read_request()
+    peer.accept()
+    peer.echo()
+
+
+def accept_then_close(peer: Peer) -> None:
+    """Upgrade, then close the WebSocket at once (Close 1000)."""
+    peer.read_request()
+    peer.accept()
+    peer.close_ws()
+    peer.wait_eof()
+
+
+def silent(peer: Peer) -> None:
+    """Read the upgrade request and never answer it."""
+    peer.read_request()
+    peer.wait_eof()
+
+
+def accept_tcp_only(peer: Peer) -> None:
+    """Accept the TCP connection and never even read the request."""
+    peer.wait_eof()
+
+
+def answer_then_wait(answer: bytes) -> Script:
+    """A script that reads the request, sends `answer` (a refusal, part of one, a proxy's
+    200) and says no more, staying connected until the client goes."""
+
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(answer)
+        peer.wait_eof()
+
+    return script
 
 
 # Load: many connections, one thread --------------------------------------------
@@ -714,6 +781,120 @@ def daemon_process(*args: str) -> Iterator[str]:
     with announced(["-m", "gforward.daemon", "--listen", "127.0.0.1:0", *args]) as (_, line):
         assert line.startswith("listening on "), line
         yield line.split()[-1]
+
+
+READ_TIMEOUT = 15.0  # a slow CI machine still starts a Python process in this time
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without SLICER_* or proxies, so only the test's settings count."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLICER_") and not k.lower().endswith("_proxy")}
+    env.update(extra)
+    return env
+
+
+class Program:
+    """A subprocess under test: stdout lines read with a timeout, stderr collected."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=clean_env() if env is None else env, cwd=cwd, text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.popen.stdout, self._on_out),
+                             daemon=True),
+            threading.Thread(target=self._read, args=(self.popen.stderr, self._err.append),
+                             daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _on_out(self, line: str | None) -> None:
+        if line is not None:
+            self._out.append(line)
+        self._lines.put(line)
+
+    @staticmethod
+    def _read(stream: IO[str], sink: Callable[[str | None], None]) -> None:
+        for line in stream:
+            sink(line)
+        sink(None)  # EOF; harmless on stderr, where None is never joined
+        stream.close()
+
+    def readline(self, timeout: float = READ_TIMEOUT) -> str:
+        """The next stdout line; fails the test (with stderr) on timeout or exit."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output from {self.args} in {timeout}s; "
+                                 f"stderr: {self.stderr!r}") from None
+        if line is None:
+            self.popen.wait(READ_TIMEOUT)
+            raise AssertionError(f"{self.args} exited {self.popen.returncode} early; "
+                                 f"stderr: {self.stderr!r}")
+        return line.rstrip("\n")
+
+    def finish(self, timeout: float = READ_TIMEOUT) -> int:
+        """Wait for the exit status, and for all of its output."""
+        status = self.popen.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return status
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Deliver `sig` as a user would and return the exit status."""
+        self.popen.send_signal(sig)
+        return self.finish()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(line for line in self._err if line is not None)
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(READ_TIMEOUT)
+        for reader in self._readers:
+            reader.join(READ_TIMEOUT)
+
+
+class Programs:
+    """Every program a test starts, each killed at the end whatever happened."""
+
+    def __init__(self) -> None:
+        self._all: list[Program] = []
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            cwd: str | None = None) -> Program:
+        program = Program(list(args), env, cwd)
+        self._all.append(program)
+        return program
+
+    def daemon(self, *args: str, listeners: int = 1) -> tuple[Program, list[str]]:
+        """`python -m gforward.daemon ARGS`, once it has announced its `listeners` URLs."""
+        program = self.run(sys.executable, "-m", "gforward.daemon", *args)
+        urls = []
+        for _ in range(listeners):
+            line = program.readline()
+            assert line.startswith("listening on "), line
+            urls.append(line[len("listening on "):])
+        return program, urls
+
+    def close(self) -> None:
+        for program in self._all:
+            program.close()
 
 
 # The gevent-websocket peer (runs in its own process) --------------------------

@@ -8,33 +8,25 @@ in `.invalid` (RFC 2606).
 from __future__ import annotations
 
 import contextlib
-import http.server
 import os
 import re
-import shutil
 import signal
 import socket
-import sys
-import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_daemon import READ_TIMEOUT, Program, Programs, clean_env, closed_port
+from tests.peers import READ_TIMEOUT, Program, Programs
+from tests.support import (
+    announced_listeners,
+    assert_cli_serves,
+    closed_port,
+    gforward_cli,
+    http_get,
+)
 
 TOKEN = "tok-5e2b9c-never-print-me"
-LINE = re.compile(r"(\S+) -> (\S+) (\S+)")
-
-
-@pytest.fixture
-def programs() -> Iterator[Programs]:
-    every = Programs()
-    try:
-        yield every
-    finally:
-        every.close()
 
 
 @pytest.fixture(scope="module")
@@ -48,66 +40,6 @@ def daemon_url() -> Iterator[str]:
         every.close()
 
 
-class _GuestHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"guest says {self.path}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture(scope="module")
-def guest() -> Iterator[str]:
-    """An HTTP server standing in for the VM's service; yields "127.0.0.1:port"."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GuestHandler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(READ_TIMEOUT)
-
-
-def gforward_cli(programs: Programs, *args: str, env: dict[str, str] | None = None,
-                 script: bool = False) -> Program:
-    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set."""
-    if script:
-        found = shutil.which("gforward")
-        assert found, "the gforward console script is not on PATH: pip install -e ."
-        command = [found]
-    else:
-        command = [sys.executable, "-m", "gforward"]
-    return programs.run(*command, *args, env=clean_env(**(env or {})))
-
-
-def announced(program: Program, count: int = 1) -> list[tuple[str, str, str]]:
-    """The `local -> vm remote` lines of `count` listeners."""
-    found = []
-    for _ in range(count):
-        line = program.readline()
-        match = LINE.fullmatch(line)
-        assert match, line
-        local, vm, remote = match.groups()
-        found.append((local, vm, remote))
-    return found
-
-
-def http_get(local: str, path: str = "/") -> str:
-    """GET through a forwarded TCP port, bypassing any proxy settings."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{local}{path}", timeout=READ_TIMEOUT) as response:
-        body: bytes = response.read()
-    return body.decode()
-
-
 def assert_secret_kept(program: Program, secret: str = TOKEN) -> None:
     assert secret not in program.stdout
     assert secret not in program.stderr
@@ -117,12 +49,12 @@ def assert_secret_kept(program: Program, secret: str = TOKEN) -> None:
 
 
 def test_forwards_http_through_the_reference_daemon(programs: Programs, daemon_url: str,
-                                                    guest: str) -> None:
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+                                                    http_guest: str) -> None:
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                        "--token", TOKEN)
-    [(local, vm, remote)] = announced(cli)
+    [(local, vm, remote)] = announced_listeners(cli)
     assert re.fullmatch(r"127\.0\.0\.1:[1-9]\d*", local)
-    assert (vm, remote) == ("sbox-1", guest)
+    assert (vm, remote) == ("sbox-1", http_guest)
     assert http_get(local, "/hello?x=1") == "guest says /hello?x=1"
     assert http_get(local, "/again") == "guest says /again"
     assert cli.stop(signal.SIGINT) == 0
@@ -130,65 +62,63 @@ def test_forwards_http_through_the_reference_daemon(programs: Programs, daemon_u
     assert_secret_kept(cli)
 
 
-def test_line_format_is_exact(programs: Programs, daemon_url: str, guest: str) -> None:
+def test_line_format_is_exact(programs: Programs, daemon_url: str, http_guest: str) -> None:
     port = closed_port()
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:{port}:{guest}", "--url", daemon_url)
-    assert cli.readline() == f"127.0.0.1:{port} -> sbox-1 {guest}"
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:{port}:{http_guest}", "--url", daemon_url)
+    assert cli.readline() == f"127.0.0.1:{port} -> sbox-1 {http_guest}"
 
 
-def test_environment_variables(programs: Programs, daemon_url: str, guest: str) -> None:
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}",
+def test_environment_variables(programs: Programs, daemon_url: str, http_guest: str) -> None:
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}",
                        env={"SLICER_URL": daemon_url, "SLICER_TOKEN": TOKEN})
-    [(local, _, _)] = announced(cli)
-    assert http_get(local, "/env") == "guest says /env"
+    assert_cli_serves(cli, "/env")
     assert cli.stop() == 0
     assert_secret_kept(cli)
 
 
 def test_flags_take_precedence_over_environment(programs: Programs, daemon_url: str,
-                                                guest: str, tmp_path: Path) -> None:
+                                                http_guest: str, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     wrong = {"SLICER_URL": f"http://127.0.0.1:{closed_port()}", "SLICER_TOKEN": "wrong",
              "SLICER_TOKEN_FILE": str(tmp_path / "missing")}
-    by_token = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+    by_token = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                             "--token", TOKEN, env=wrong)
-    by_file = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+    by_file = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                            "--token-file", str(token_file), env=wrong)
     for cli in (by_token, by_file):
-        [(local, _, _)] = announced(cli)
-        assert http_get(local, "/flag") == "guest says /flag"
+        assert_cli_serves(cli, "/flag")
         assert cli.stop() == 0
         assert_secret_kept(cli)
 
 
 @pytest.mark.parametrize("via", ["flag", "env"])
-def test_token_file_with_tilde_and_whitespace(programs: Programs, daemon_url: str, guest: str,
+def test_token_file_with_tilde_and_whitespace(programs: Programs, daemon_url: str, http_guest: str,
                                               tmp_path: Path, via: str) -> None:
     (tmp_path / ".slicer").mkdir()
     (tmp_path / ".slicer" / "token").write_text(f"\n  {TOKEN} \n\n")
     env = {"HOME": str(tmp_path), "SLICER_URL": daemon_url}
     if via == "flag":  # a literal ~, as when the shell does not expand it (--token-file=~/...)
-        cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}",
+        cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}",
                            "--token-file=~/.slicer/token", env=env)
     else:
-        cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}",
+        cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}",
                            env={**env, "SLICER_TOKEN_FILE": "~/.slicer/token"})
-    [(local, _, _)] = announced(cli)
-    assert http_get(local, "/file") == "guest says /file"
+    assert_cli_serves(cli, "/file")
     assert cli.stop() == 0
     assert_secret_kept(cli)
 
 
 def test_several_specs_positional_and_dash_l(programs: Programs, daemon_url: str,
-                                             guest: str, short_tmp: str) -> None:
+                                             http_guest: str, short_tmp: str) -> None:
     sock_path = os.path.join(short_tmp, "web.sock")
-    cli = gforward_cli(programs, "sbox-1", "-L", f"127.0.0.1:0:{guest}", f"{sock_path}:{guest}",
-                       "-L", f"127.0.0.1:0:{guest}", "--url", daemon_url, "--token", TOKEN)
-    lines = announced(cli, 3)
+    cli = gforward_cli(programs, "sbox-1", "-L", f"127.0.0.1:0:{http_guest}",
+                       f"{sock_path}:{http_guest}", "-L", f"127.0.0.1:0:{http_guest}",
+                       "--url", daemon_url, "--token", TOKEN)
+    lines = announced_listeners(cli, 3)
     # positional SPECs first, then -L ones, each in the order given
     assert lines[0][0] == sock_path
-    assert all(vm == "sbox-1" and remote == guest for _, vm, remote in lines)
+    assert all(vm == "sbox-1" and remote == http_guest for _, vm, remote in lines)
     for local, _, _ in lines[1:]:
         assert http_get(local, "/tcp") == "guest says /tcp"
     with socket.socket(socket.AF_UNIX) as sock:
@@ -201,20 +131,19 @@ def test_several_specs_positional_and_dash_l(programs: Programs, daemon_url: str
     assert not os.path.exists(sock_path)
 
 
-def test_console_script(programs: Programs, daemon_url: str, guest: str) -> None:
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+def test_console_script(programs: Programs, daemon_url: str, http_guest: str) -> None:
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                        "--token", TOKEN, script=True)
-    [(local, _, _)] = announced(cli)
-    assert http_get(local, "/script") == "guest says /script"
+    assert_cli_serves(cli, "/script")
     assert cli.stop(signal.SIGINT) == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_exits_0_on_signal_with_a_tunnel_open(programs: Programs, daemon_url: str,
-                                              guest: str, sig: int) -> None:
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+                                              http_guest: str, sig: int) -> None:
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                        "--token", TOKEN)
-    [(local, _, _)] = announced(cli)
+    [(local, _, _)] = announced_listeners(cli)
     host, port = local.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT):
         assert cli.stop(sig) == 0
@@ -235,23 +164,23 @@ def test_help_and_version(programs: Programs) -> None:
 # Logging --------------------------------------------------------------------
 
 
-def test_verbose_shows_tunnel_events(programs: Programs, daemon_url: str, guest: str) -> None:
-    cli = gforward_cli(programs, "-v", "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+def test_verbose_shows_tunnel_events(programs: Programs, daemon_url: str, http_guest: str) -> None:
+    cli = gforward_cli(programs, "-v", "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                        "--token", TOKEN)
-    [(local, _, _)] = announced(cli)
-    assert http_get(local, "/v") == "guest says /v"
+    assert_cli_serves(cli, "/v")
     assert cli.stop() == 0
-    assert re.search(rf"tunnel \S+ -> {guest} opened", cli.stderr), cli.stderr
-    assert re.search(rf"tunnel \S+ -> {guest} closed", cli.stderr), cli.stderr
+    assert re.search(rf"tunnel \S+ -> {http_guest} opened", cli.stderr), cli.stderr
+    assert re.search(rf"tunnel \S+ -> {http_guest} closed", cli.stderr), cli.stderr
     assert_secret_kept(cli)
 
 
-def test_failures_show_without_verbose_and_never_the_token(programs: Programs,
-                                                           daemon_url: str, guest: str) -> None:
+def test_failures_show_without_verbose_and_never_the_token(
+    programs: Programs, daemon_url: str, http_guest: str
+) -> None:
     secret = "wrong-token-4d1f-never-print-me"
-    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon_url,
+    cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon_url,
                        "--token", secret)
-    [(local, _, _)] = announced(cli)
+    [(local, _, _)] = announced_listeners(cli)
     host, port = local.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -274,7 +203,7 @@ def test_wildcard_listener_warns_once(programs: Programs) -> None:
     # nothing answers behind these listeners: the daemon URL is a closed loopback port
     cli = gforward_cli(programs, "sbox-1", "0:127.0.0.1:1", "0.0.0.0:0:127.0.0.1:2",
                        "--url", f"http://127.0.0.1:{closed_port()}")
-    lines = announced(cli, 2)
+    lines = announced_listeners(cli, 2)
     assert all(local.startswith("0.0.0.0:") for local, _, _ in lines)
     assert cli.stop() == 0
     [warning] = _warnings(cli)
@@ -290,7 +219,7 @@ def test_ipv6_wildcard_listener_warns(programs: Programs) -> None:
         pytest.skip("no IPv6 on this machine")
     cli = gforward_cli(programs, "sbox-1", "[::]:0:127.0.0.1:1",
                        "--url", f"http://127.0.0.1:{closed_port()}")
-    [(local, _, _)] = announced(cli)
+    [(local, _, _)] = announced_listeners(cli)
     assert local.startswith("[::]:")
     assert cli.stop() == 0
     [warning] = _warnings(cli)
@@ -301,7 +230,7 @@ def test_token_over_plain_http_to_another_host_warns(programs: Programs) -> None
     # the forwarder dials only when a local connection arrives: nothing is resolved here
     cli = gforward_cli(programs, "sbox-1", "127.0.0.1:0:127.0.0.1:80",
                        "--url", "http://slicer.invalid:8080", "--token", TOKEN)
-    announced(cli)
+    announced_listeners(cli)
     assert cli.stop() == 0
     [warning] = _warnings(cli)
     assert "slicer.invalid" in warning and "https" in warning
@@ -319,7 +248,7 @@ def test_token_over_plain_http_to_another_host_warns(programs: Programs) -> None
 def test_no_warning_when_the_token_stays_safe(programs: Programs, url: str, token: str) -> None:
     args = ["sbox-1", "127.0.0.1:0:127.0.0.1:80", "--url", url]
     cli = gforward_cli(programs, *args, *(["--token", token] if token else []))
-    announced(cli)
+    announced_listeners(cli)
     assert cli.stop() == 0
     assert cli.stderr == ""
 

@@ -30,40 +30,44 @@ import trustme
 
 import gforward
 import gforward.daemon
-from tests import test_cli, test_tunnel
-from tests.conftest import echo_once
-from tests.peers import FakeDaemon, Peer, echo_until_eof
-from tests.test_cli import announced, gforward_cli, http_get
-from tests.test_daemon import Programs, clean_env
-from tests.test_tunnel import (
+from tests.peers import (
+    FakeDaemon,
+    Guest,
+    Peer,
+    Programs,
+    Script,
+    accept_tcp_only,
+    answer_then_wait,
+    clean_env,
+    echo_until_eof,
+    silent,
+)
+from tests.support import (
     IO_TIMEOUT,
     MARGIN,
-    TOKEN,
-    _accept_tcp_only,
-    _accept_then_echo,
-    _ipv6_loopback,
-    _refused_then_echo_works,
-    _silent,
-    _tls_daemon,
+    assert_cli_serves,
     assert_closed_within,
     assert_logged,
     assert_secret_not_logged,
     connect,
+    echo_once,
     forward,
+    gforward_cli,
+    ipv6_loopback,
     local_address,
     read_to_eof,
+    refused_then_echo_works,
+    tls_daemon,
+    tls_script,
+    wait_until,
     warnings_of,
 )
 
-# Fixtures of the modules these tests extend, bound here so that pytest finds them.
-ca, echo_server, gflog, upstream_hole = (test_tunnel.ca, test_tunnel.echo_server,
-                                         test_tunnel.gflog, test_tunnel.upstream_hole)
-guest, programs = test_cli.guest, test_cli.programs
-
+TOKEN = "s3cret-Token-9f8e7d"
 PROXY_USER = "gf-user"
 PROXY_PASSWORD = "Pr0xy:s3cret/@%"  # every character that needs percent-encoding in a URL
 PAYLOAD = os.urandom(1 << 20)
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no ::1")
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no ::1")
 
 
 # A real HTTP proxy ------------------------------------------------------------------
@@ -125,7 +129,7 @@ def open_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     yield from _start_proxy(tmp_path_factory.mktemp("proxy") / "open")
 
 
-def _relay_to(address: tuple[str, int]) -> Callable[[Peer], None]:
+def _relay_to(address: tuple[str, int]) -> Script:
     """A FakeDaemon script: record the CONNECT request (peer.request), then pipe on."""
 
     def relay(peer: Peer) -> None:
@@ -189,7 +193,7 @@ def ca_file(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_ca_file_trusts_that_ca(ca: trustme.CA, ca_file: str, tmp_path: Path,
                                 echo_server: str) -> None:
-    with _tls_daemon(ca, tmp_path, "127.0.0.1") as daemon, forward(
+    with tls_daemon(ca, tmp_path, "127.0.0.1") as daemon, forward(
         daemon.url, echo_server, ca_file=ca_file
     ) as fwd:
         assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
@@ -209,7 +213,7 @@ def test_certificate_problems_are_logged_with_the_reason(
 ) -> None:
     issuer = trustme.CA() if problem == "unknown CA" else ca
     names = ("localhost",) if problem == "unknown CA" else ("daemon.example",)
-    with _tls_daemon(issuer, tmp_path, *names) as daemon:
+    with tls_daemon(issuer, tmp_path, *names) as daemon:
         url = daemon.url.replace("127.0.0.1", "localhost")
         with forward(url, echo_server, ca_file=ca_file, token=TOKEN) as fwd:
             for _ in range(2):  # the listener survives it
@@ -224,7 +228,7 @@ def test_certificate_problems_are_logged_with_the_reason(
 def test_insecure_accepts_any_certificate_and_warns_at_each_start(
     tmp_path: Path, echo_server: str, gflog: pytest.LogCaptureFixture,
 ) -> None:
-    with _tls_daemon(trustme.CA(), tmp_path, "daemon.example") as daemon:
+    with tls_daemon(trustme.CA(), tmp_path, "daemon.example") as daemon:
         for starts in (1, 2):
             with forward(daemon.url, echo_server, insecure=True) as fwd:
                 assert echo_once(local_address(fwd), b"unverified") == b"unverified"
@@ -241,20 +245,6 @@ def test_insecure_with_plain_http_has_nothing_to_warn_about(
     assert warnings_of(gflog) == []
 
 
-def _tls_script(ca: trustme.CA, names: list[str | None],
-                then: Callable[[Peer], None] = _accept_then_echo) -> Callable[[Peer], None]:
-    """A FakeDaemon script that serves TLS as "localhost" (recording SNI), then runs `then`."""
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server)
-    server.sni_callback = lambda _sock, name, _ctx: names.append(name)
-
-    def tls(peer: Peer) -> None:
-        peer.sock = server.wrap_socket(peer.sock, server_side=True)
-        then(peer)
-
-    return tls
-
-
 @pytest.mark.parametrize("kind", ["stdlib", "gevent"])
 def test_ssl_context_is_used_as_given(kind: str, ca: trustme.CA, ca_file: str, tmp_path: Path,
                                       echo_server: str) -> None:
@@ -263,7 +253,7 @@ def test_ssl_context_is_used_as_given(kind: str, ca: trustme.CA, ca_file: str, t
     context = context_class(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=ca_file)
     context.check_hostname = False
-    with _tls_daemon(ca, tmp_path, "daemon.example") as daemon, forward(
+    with tls_daemon(ca, tmp_path, "daemon.example") as daemon, forward(
         daemon.url, echo_server, ssl_context=context
     ) as fwd:
         assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
@@ -278,13 +268,11 @@ def test_stdlib_ssl_context_does_not_block_the_hub(ca: trustme.CA, ca_file: str,
     start, and no timer could cut the first.
     """
     names: list[str | None] = []
-    with FakeDaemon(_accept_tcp_only, _tls_script(ca, names)) as fake, forward(
+    with FakeDaemon(accept_tcp_only, tls_script(ca, names)) as fake, forward(
         f"https://localhost:{fake.port}", ssl_context=ssl.create_default_context(cafile=ca_file),
         dial_timeout=4,
     ) as fwd, connect(fwd) as stalled:
-        deadline = time.monotonic() + IO_TIMEOUT
-        while not fake.peers and time.monotonic() < deadline:
-            time.sleep(0.01)  # the first tunnel is now in its TLS handshake
+        wait_until(lambda: fake.peers, IO_TIMEOUT)  # the first tunnel is now in its TLS handshake
         # Well before the first tunnel's dial timeout:
         assert echo_once(local_address(fwd), b"meanwhile", timeout=3) == b"meanwhile"
         assert_closed_within(stalled, 4 + MARGIN)
@@ -337,7 +325,7 @@ def test_daemon_through_a_real_proxy(scheme: str, relay: FakeDaemon, ca: trustme
     tls = {"ca_file": ca_file} if scheme == "https" else {}
     with contextlib.ExitStack() as stack:
         if scheme == "https":
-            daemon = stack.enter_context(_tls_daemon(ca, tmp_path, "127.0.0.1"))
+            daemon = stack.enter_context(tls_daemon(ca, tmp_path, "127.0.0.1"))
         else:
             daemon = stack.enter_context(gforward.daemon.start())
         fwd = stack.enter_context(forward(daemon.url, echo_server, token=TOKEN,
@@ -358,7 +346,7 @@ def test_tls_through_the_proxy_names_the_daemon_and_keeps_the_prefix(
 ) -> None:
     """SNI and the certificate check are for the daemon's name, never the proxy's."""
     names: list[str | None] = []
-    with FakeDaemon(_tls_script(ca, names)) as fake, forward(
+    with FakeDaemon(tls_script(ca, names)) as fake, forward(
         f"https://localhost:{fake.port}/slicer", ca_file=ca_file, proxy=proxy_url(relay.port)
     ) as fwd:
         assert echo_once(local_address(fwd), b"over TLS, via proxy") == b"over TLS, via proxy"
@@ -384,8 +372,8 @@ def test_407_fails_that_tunnel_only(user: str | None, hint: str, auth_proxy: tup
     with FakeDaemon(_relay_to(auth_proxy), _relay_to(open_proxy)) as switch, forward(
         daemon.url, echo_server, token=TOKEN, proxy=proxy_url(switch.port, user, "wrong-pw")
     ) as fwd:
-        _refused_then_echo_works(fwd, gflog, "407 Proxy Authentication Required", hint,
-                                 f"through proxy http://127.0.0.1:{switch.port}")
+        refused_then_echo_works(fwd, gflog, "407 Proxy Authentication Required", hint,
+                                f"through proxy http://127.0.0.1:{switch.port}", secret=TOKEN)
     assert_secret_not_logged(gflog, "wrong-pw")
 
 
@@ -402,7 +390,7 @@ def test_environment_proxy_follows_the_daemons_scheme(
     monkeypatch.setenv(case(f"{other}_proxy"), dead)
     with contextlib.ExitStack() as stack:
         if scheme == "https":
-            daemon = stack.enter_context(_tls_daemon(ca, tmp_path, "127.0.0.1"))
+            daemon = stack.enter_context(tls_daemon(ca, tmp_path, "127.0.0.1"))
         else:
             daemon = stack.enter_context(gforward.daemon.start())
         fwd = stack.enter_context(forward(daemon.url, echo_server,
@@ -458,16 +446,13 @@ def test_unix_daemon_never_uses_a_proxy(upstream_hole: socket.socket, short_tmp:
                 assert echo_once(local_address(fwd), b"local") == b"local"
 
 
-def _connect_then_silence(peer: Peer) -> None:
-    """A proxy that opens the tunnel, behind which nobody ever speaks."""
-    peer.read_request()
-    peer.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    peer.wait_eof()
+# A proxy that opens the tunnel, behind which nobody ever speaks.
+_connect_then_silence = answer_then_wait(b"HTTP/1.1 200 Connection established\r\n\r\n")
 
 
-@pytest.mark.parametrize("script", [_accept_tcp_only, _silent, _connect_then_silence],
+@pytest.mark.parametrize("script", [accept_tcp_only, silent, _connect_then_silence],
                          ids=["never reads", "never answers CONNECT", "silent tunnel"])
-def test_dial_timeout_covers_the_proxy(script: Callable[[Peer], None],
+def test_dial_timeout_covers_the_proxy(script: Script,
                                        gflog: pytest.LogCaptureFixture) -> None:
     with FakeDaemon(script) as fake, forward(
         "https://localhost:1/p", proxy=f"http://127.0.0.1:{fake.port}", dial_timeout=1,
@@ -509,7 +494,7 @@ def test_unusable_proxy_url_fails_start(where: str, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("route", ["direct", "proxy"])
 def test_ipv6_daemon_listener_and_upstream(route: str) -> None:
     """http://[::1]:port, a listener on [::1] and an upstream [::1]:port, end to end."""
-    with FakeDaemon(lambda peer: echo_until_eof(peer.sock), host="::1") as guest_v6, \
+    with Guest(echo_until_eof, host="::1") as guest_v6, \
             FakeDaemon(_fake_connect_proxy) as relay_v6, \
             gforward.daemon.start(listen=["[::1]:0"]) as daemon:
         assert daemon.url.startswith("http://[::1]:")
@@ -535,22 +520,20 @@ def test_ipv6_daemon_listener_and_upstream(route: str) -> None:
 
 
 def test_cli_ca_file(programs: Programs, ca: trustme.CA, ca_file: str,
-                     tmp_path: Path, guest: str) -> None:
-    with _tls_daemon(ca, tmp_path, "127.0.0.1") as daemon:
-        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon.url,
+                     tmp_path: Path, http_guest: str) -> None:
+    with tls_daemon(ca, tmp_path, "127.0.0.1") as daemon:
+        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon.url,
                                "--ca-file", ca_file)
-        [(local, _, _)] = announced(program)
-        assert http_get(local, "/tls") == "guest says /tls"
+        assert_cli_serves(program, "/tls")
         assert program.stop() == 0
 
 
 def test_cli_insecure_warns(programs: Programs, tmp_path: Path,
-                            guest: str) -> None:
-    with _tls_daemon(trustme.CA(), tmp_path, "daemon.example") as daemon:
-        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon.url,
+                            http_guest: str) -> None:
+    with tls_daemon(trustme.CA(), tmp_path, "daemon.example") as daemon:
+        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon.url,
                                "--insecure")
-        [(local, _, _)] = announced(program)
-        assert http_get(local, "/any-cert") == "guest says /any-cert"
+        assert_cli_serves(program, "/any-cert")
         assert program.stop() == 0
     assert "TLS verification is off (insecure=True)" in program.stderr
 
@@ -558,13 +541,12 @@ def test_cli_insecure_warns(programs: Programs, tmp_path: Path,
 def test_cli_proxy_flag_over_environment(programs: Programs, relay: FakeDaemon,
                                          upstream_hole: socket.socket,
                                          daemon: gforward.daemon.Daemon,
-                                         guest: str) -> None:
+                                         http_guest: str) -> None:
     dead = f"http://127.0.0.1:{upstream_hole.getsockname()[1]}"
     for flag, expected in ((proxy_url(relay.port), 1), ("", 1)):
-        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{guest}", "--url", daemon.url,
+        program = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url", daemon.url,
                                "--proxy", flag, env={"HTTP_PROXY": dead})
-        [(local, _, _)] = announced(program)
-        assert http_get(local, "/p") == "guest says /p"
+        assert_cli_serves(program, "/p")
         assert program.stop() == 0
         assert len(relay.peers) == expected
         assert PROXY_PASSWORD not in program.stderr + program.stdout

@@ -8,149 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Callable
 from urllib.parse import urlsplit
 
 import pytest
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
+from tests.peers import READ_TIMEOUT, Programs
+from tests.support import cert_files, closed_port, echo_once, forward, local_address, refused
 
-READ_TIMEOUT = 15.0  # a slow CI machine still starts a Python process in this time
 TOKEN = "daemon-token-7c1e"
-
-
-# Running programs ---------------------------------------------------------
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without SLICER_* or proxies, so only the test's settings count."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLICER_") and not k.lower().endswith("_proxy")}
-    env.update(extra)
-    return env
-
-
-class Program:
-    """A subprocess under test: stdout lines read with a timeout, stderr collected."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=clean_env() if env is None else env, cwd=cwd, text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._out: list[str] = []
-        self._err: list[str] = []
-        assert self.popen.stdout is not None and self.popen.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.popen.stdout, self._on_out),
-                             daemon=True),
-            threading.Thread(target=self._read, args=(self.popen.stderr, self._err.append),
-                             daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _on_out(self, line: str | None) -> None:
-        if line is not None:
-            self._out.append(line)
-        self._lines.put(line)
-
-    @staticmethod
-    def _read(stream: IO[str], sink: Callable[[str | None], None]) -> None:
-        for line in stream:
-            sink(line)
-        sink(None)  # EOF; harmless on stderr, where None is never joined
-        stream.close()
-
-    def readline(self, timeout: float = READ_TIMEOUT) -> str:
-        """The next stdout line; fails the test (with stderr) on timeout or exit."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output from {self.args} in {timeout}s; "
-                                 f"stderr: {self.stderr!r}") from None
-        if line is None:
-            self.popen.wait(READ_TIMEOUT)
-            raise AssertionError(f"{self.args} exited {self.popen.returncode} early; "
-                                 f"stderr: {self.stderr!r}")
-        return line.rstrip("\n")
-
-    def finish(self, timeout: float = READ_TIMEOUT) -> int:
-        """Wait for the exit status, and for all of its output."""
-        status = self.popen.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
-        return status
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Deliver `sig` as a user would and return the exit status."""
-        self.popen.send_signal(sig)
-        return self.finish()
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self._out)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(line for line in self._err if line is not None)
-
-    def close(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(READ_TIMEOUT)
-        for reader in self._readers:
-            reader.join(READ_TIMEOUT)
-
-
-class Programs:
-    """Every program a test starts, each killed at the end whatever happened."""
-
-    def __init__(self) -> None:
-        self._all: list[Program] = []
-
-    def run(self, *args: str, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> Program:
-        program = Program(list(args), env, cwd)
-        self._all.append(program)
-        return program
-
-    def daemon(self, *args: str, listeners: int = 1) -> tuple[Program, list[str]]:
-        """`python -m gforward.daemon ARGS`, once it has announced its `listeners` URLs."""
-        program = self.run(sys.executable, "-m", "gforward.daemon", *args)
-        urls = []
-        for _ in range(listeners):
-            line = program.readline()
-            assert line.startswith("listening on "), line
-            urls.append(line[len("listening on "):])
-        return program, urls
-
-    def close(self) -> None:
-        for program in self._all:
-            program.close()
-
-
-@pytest.fixture
-def programs() -> Iterator[Programs]:
-    every = Programs()
-    try:
-        yield every
-    finally:
-        every.close()
 
 
 # Talking to a daemon ------------------------------------------------------
@@ -189,25 +61,14 @@ def upgrade(url: str, upstream: str, *, token: str | None = None,
 def forward_echo(base_url: str, upstream: str, *, token: str = "",
                  payload: bytes = b"ping " * 2000) -> bytes:
     """Send `payload` through gforward (in-process) and the daemon to `upstream`."""
-    with gforward.start(base_url=base_url, token=token, vm_name="sbox-1",
-                        specs=[f"127.0.0.1:0:{upstream}"]) as fwd:
-        return echo_once(("127.0.0.1", fwd.listeners[0].port), payload)
+    with forward(base_url, upstream, token=token) as fwd:
+        return echo_once(local_address(fwd), payload)
 
 
 def tunnel_fails(base_url: str, upstream: str, *, token: str = "") -> bool:
     """Whether gforward closes the local connection without echoing (a failed tunnel)."""
-    try:
-        return forward_echo(base_url, upstream, token=token, payload=b"lost") == b""
-    except ConnectionResetError:  # closed with our bytes unread: also a failed tunnel
-        return True
-
-
-def closed_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with forward(base_url, upstream, token=token) as fwd:
+        return refused(fwd, b"lost")
 
 
 # The command line ---------------------------------------------------------
@@ -309,10 +170,8 @@ def test_tls(programs: Programs, echo_server: str, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_path))
+    cert_path, key_path = cert_files(ca, tmp_path, "127.0.0.1", "localhost")
+    ca_path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_path))
     _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--tls-cert", str(cert_path),
                                "--tls-key", str(key_path))

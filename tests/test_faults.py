@@ -44,7 +44,6 @@ from hypothesis import strategies as st
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
 from tests.peers import (
     OP_BINARY,
     OP_CLOSE,
@@ -55,20 +54,22 @@ from tests.peers import (
     Frame,
     Guest,
     Peer,
-    accept_key,
+    accept_then_echo,
     announced,
     daemon_process,
     echo_until_eof,
     encode_frame,
     reset_on_close,
 )
-from tests.test_tunnel import (
+from tests.support import (
     assert_secret_not_logged,
     connect,
+    echo_once,
     forward,
     local_address,
     read_exact,
     read_to_eof,
+    wait_until,
 )
 
 TOKEN = "gf5-T0ken-n3ver-logged-4d2c"
@@ -139,12 +140,6 @@ def watch_end(sock: socket.socket, timeout: float = WAIT) -> End:
     return End("EOF", bytes(data), time.monotonic())
 
 
-def _echo(peer: Peer) -> None:
-    peer.read_request()
-    peer.accept()
-    peer.echo()
-
-
 def roundtrip(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(payload)
     assert read_exact(sock, len(payload)) == payload
@@ -181,9 +176,11 @@ def survive(
     fault's row to the table.
     """
     mark = Mark()
-    with FakeDaemon(_echo, lambda peer: script(peer, mark), _echo) as fake, forward(
-        fake.url, token=TOKEN, dial_timeout=DIAL_TIMEOUT
-    ) as fwd, connect(fwd) as healthy:
+    with FakeDaemon(
+        accept_then_echo, lambda peer: script(peer, mark), accept_then_echo
+    ) as fake, forward(fake.url, token=TOKEN, dial_timeout=DIAL_TIMEOUT) as fwd, connect(
+        fwd
+    ) as healthy:
         roundtrip(healthy, b"before the fault")
         with connect(fwd) as sock:
             name = tunnel_name(sock)
@@ -280,13 +277,10 @@ def _close_after_upgrade(code: int, reason: bytes = b"", *, same_packet: bool) -
     close = encode_frame(OP_CLOSE, struct.pack("!H", code) + reason)
 
     def script(peer: Peer, mark: Mark) -> None:
-        request = peer.read_request()
+        peer.read_request()
         mark()
         if same_packet:
-            key = accept_key(request.get("Sec-WebSocket-Key") or "")
-            peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                      b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + key.encode()
-                      + b"\r\n\r\n" + close)
+            peer.accept(then=close)
         else:
             peer.accept()
             peer.send(close)
@@ -582,9 +576,7 @@ def test_client_reset_mid_transfer_ends_the_daemon_side(
             read_exact(sock, 64 * 1024)  # the rest stays unread: the tunnel is backed up
             reset_on_close(sock)
             reset_at = time.monotonic()
-        deadline = time.monotonic() + WAIT
-        while not ended and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: ended, WAIT)
     assert ended, "the daemon side never saw the tunnel end"
     took = ended[0] - reset_at
     TABLE.append(("local client resets mid-transfer (seen by the daemon)",
@@ -612,9 +604,7 @@ def test_client_reset_mid_transfer_ends_the_guest_connection() -> None:
             read_exact(sock, 1 << 20)
             reset_on_close(sock)
             reset_at = time.monotonic()
-        deadline = time.monotonic() + WAIT
-        while not ended and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: ended, WAIT)
     assert ended, "the guest never saw its connection end"
     took = ended[0][0] - reset_at
     TABLE.append(("local client resets mid-transfer (seen by the guest)",

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -29,92 +27,25 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
+from tests.support import (
+    can_bind,
+    connect,
+    echo_once,
+    free_port,
+    local_address,
+    read_exact,
+    refused,
+)
 
 APPS = Path(__file__).parent / "apps"
 PAYLOAD = os.urandom(256 * 1024)
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range.
-
-    Ports from port 0 come from the ephemeral range, which any process's
-    outgoing connections share: once we free one, another connection may take
-    it at once, and a "the port is free again" check would fail for nothing.
-    """
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    low = int(ephemeral[0])
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def can_bind(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:port now.
-
-    SO_REUSEADDR as servers (and gforward) set it: connections the forwarder
-    closed linger in TIME_WAIT on that port, but a listener still holding it
-    makes bind() fail even so.
-    """
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen(1)
-        except OSError:
-            return False
-        return True
-
-
-def address(listener: gforward.Listener) -> tuple[str, int] | str:
-    """Where a client connects to reach `listener`."""
-    return ("127.0.0.1", listener.port) if listener.port else listener.local
-
-
-def connect(listener: gforward.Listener, timeout: float = 15.0) -> socket.socket:
-    family = socket.AF_INET if listener.port else socket.AF_UNIX
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address(listener))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        data = sock.recv(min(n - got, 256 * 1024))
-        if not data:
-            raise EOFError(f"EOF after {got} of {n} bytes")
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
-
-
-def refused(listener: gforward.Listener, payload: bytes = b"hello") -> bool:
-    """Whether a tunnel fails: the client gets no byte back, only EOF or a reset."""
-    try:
-        return echo_once(address(listener), payload) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except OSError as exc:  # shutdown() after the reset arrived: ENOTCONN
-        if exc.errno == errno.ENOTCONN:
-            return True
-        raise
+WAIT = 15.0  # how long a client socket here blocks at the most, unless a test says otherwise
 
 
 def run_app(script: str, *args: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:
-    """Run a tests/apps script with this interpreter; killed if it outlives `timeout`."""
-    return subprocess.run(
+    """Run a tests/apps script with this interpreter, which must exit 0; killed if it
+    outlives `timeout`."""
+    result = subprocess.run(
         [sys.executable, str(APPS / script), *args],
         capture_output=True,
         text=True,
@@ -122,6 +53,8 @@ def run_app(script: str, *args: str, timeout: float = 45) -> subprocess.Complete
         cwd=str(APPS.parent.parent),
         check=False,
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 @pytest.fixture
@@ -149,13 +82,13 @@ def test_start_with_options(daemon: gforward.daemon.Daemon, echo_server: str) ->
                                specs=[f"127.0.0.1:0:{echo_server}"])
     with gforward.start(options) as fwd:
         assert isinstance(fwd, gforward.Forwarder)
-        assert echo_once(address(fwd.listeners[0]), PAYLOAD) == PAYLOAD
+        assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
 
 
 def test_start_with_keywords(daemon: gforward.daemon.Daemon, echo_server: str) -> None:
     with gforward.start(base_url=daemon.url, vm_name="sbox-1", token="",
                         specs=[f"127.0.0.1:0:{echo_server}"], dial_timeout=5) as fwd:
-        assert echo_once(address(fwd.listeners[0]), PAYLOAD) == PAYLOAD
+        assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
 
 
 def test_keywords_override_options(daemon: gforward.daemon.Daemon, echo_server: str) -> None:
@@ -166,7 +99,7 @@ def test_keywords_override_options(daemon: gforward.daemon.Daemon, echo_server: 
     with gforward.start(options, base_url=daemon.url, vm_name="sbox-2", specs=[good],
                         dial_timeout=5) as fwd:
         assert [listener.spec for listener in fwd.listeners] == [good]
-        assert echo_once(address(fwd.listeners[0]), PAYLOAD) == PAYLOAD
+        assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
     assert options.specs == ["not a spec"], "start() changed the caller's Options"
     assert options.vm_name == ""
 
@@ -286,7 +219,7 @@ def test_listeners_in_spec_order(
         gforward.Listener(specs[4], f"127.0.0.1:{fixed}", echo_server, fixed),
     ]
     for listener in fwd.listeners:
-        assert echo_once(address(listener), PAYLOAD[:5000]) == PAYLOAD[:5000]
+        assert echo_once(local_address(listener), PAYLOAD[:5000]) == PAYLOAD[:5000]
 
 
 @pytest.mark.parametrize("listen", ["tcp", "unix"])
@@ -306,13 +239,13 @@ def test_data_in_every_combination(
     assert listener.remote == (remote if upstream == "tcp" else f"unix:{remote}")
     assert (listener.port == 0) == (listen == "unix")
     for size in (1, 1000, len(PAYLOAD)):
-        assert echo_once(address(listener), PAYLOAD[:size]) == PAYLOAD[:size]
+        assert echo_once(local_address(listener), PAYLOAD[:size]) == PAYLOAD[:size]
     # An interactive exchange, not just send-all-then-read.
-    with connect(listener) as sock:
+    with connect(listener, timeout=WAIT) as sock:
         for i in range(20):
             message = b"ping %d " % i * (i + 1)
             sock.sendall(message)
-            assert recv_exactly(sock, len(message)) == message
+            assert read_exact(sock, len(message)) == message
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(1) == b""
 
@@ -322,17 +255,17 @@ def test_daemon_over_unix_socket(echo_server: str, short_tmp: str) -> None:
         assert daemon.url.startswith("unix://")
         with gforward.start(base_url=daemon.url, vm_name="v",
                             specs=[f"127.0.0.1:0:{echo_server}"]) as fwd:
-            assert echo_once(address(fwd.listeners[0]), PAYLOAD) == PAYLOAD
+            assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
 
 
 def test_token_is_sent(echo_server: str) -> None:
     with gforward.daemon.start(token=TOKEN) as daemon:
         with gforward.start(base_url=daemon.url, token=TOKEN, vm_name="v",
                             specs=[f"127.0.0.1:0:{echo_server}"]) as fwd:
-            assert echo_once(address(fwd.listeners[0]), PAYLOAD) == PAYLOAD
+            assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
         with gforward.start(base_url=daemon.url, token="wrong", vm_name="v",
                             specs=[f"127.0.0.1:0:{echo_server}"]) as fwd:
-            assert refused(fwd.listeners[0], PAYLOAD)
+            assert refused(fwd, PAYLOAD)
 
 
 def test_concurrent_tunnels(fwd_for: Any, echo_server: str) -> None:
@@ -351,7 +284,7 @@ def test_concurrent_tunnels(fwd_for: Any, echo_server: str) -> None:
         try:
             with connect(listener, timeout=40) as sock:
                 sock.sendall(payload[:half])
-                assert recv_exactly(sock, half) == payload[:half], "first half differs"
+                assert read_exact(sock, half) == payload[:half], "first half differs"
                 all_open.wait()  # every tunnel is up and has carried data
                 sock.sendall(payload[half:])
                 sock.shutdown(socket.SHUT_WR)
@@ -381,13 +314,20 @@ def test_concurrent_tunnels(fwd_for: Any, echo_server: str) -> None:
 # close() and wait() ----------------------------------------------------------------------
 
 
+def _port_and_socket(daemon: gforward.daemon.Daemon, upstream: str,
+                     path: str) -> tuple[gforward.Forwarder, int]:
+    """A forwarder (not a context manager's) listening on a free port and on `path`."""
+    port = free_port()
+    fwd = gforward.start(base_url=daemon.url, vm_name="v",
+                         specs=[f"127.0.0.1:{port}:{upstream}", f"{path}:{upstream}"])
+    return fwd, port
+
+
 def test_close_is_idempotent_and_frees_everything(
     daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str
 ) -> None:
     path = os.path.join(short_tmp, "x.sock")
-    port = free_port()
-    fwd = gforward.start(base_url=daemon.url, vm_name="v",
-                         specs=[f"127.0.0.1:{port}:{echo_server}", f"{path}:{echo_server}"])
+    fwd, port = _port_and_socket(daemon, echo_server, path)
     assert echo_once(("127.0.0.1", port), PAYLOAD) == PAYLOAD
     assert not can_bind(port)
     assert fwd.wait(0) is False
@@ -469,14 +409,12 @@ def test_two_threads_closing_at_once(
     daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str
 ) -> None:
     path = os.path.join(short_tmp, "two.sock")
-    port = free_port()
-    fwd = gforward.start(base_url=daemon.url, vm_name="v",
-                         specs=[f"127.0.0.1:{port}:{echo_server}", f"{path}:{echo_server}"])
+    fwd, port = _port_and_socket(daemon, echo_server, path)
     # A few live tunnels, so that tearing down takes a little while.
-    clients = [connect(fwd.listeners[i % 2]) for i in range(6)]
+    clients = [connect(fwd.listeners[i % 2], timeout=WAIT) for i in range(6)]
     for sock in clients:
         sock.sendall(b"x")
-        assert recv_exactly(sock, 1) == b"x"
+        assert read_exact(sock, 1) == b"x"
     go = threading.Barrier(2, timeout=10)
     states: list[tuple[bool, bool, bool]] = []
     one_probe_at_a_time = threading.Lock()  # two probes binding the port at once would clash
@@ -572,7 +510,7 @@ def test_close_ends_a_tunnel_that_is_still_dialling(echo_server: str) -> None:
         url = f"http://127.0.0.1:{mute.getsockname()[1]}"
         fwd = gforward.start(base_url=url, vm_name="v", dial_timeout=30,
                              specs=[f"127.0.0.1:0:{echo_server}"])
-        with connect(fwd.listeners[0], timeout=15) as client:
+        with connect(fwd.listeners[0], timeout=WAIT) as client:
             mute.settimeout(10)
             accepted, _ = mute.accept()  # the tunnel's dial reached us
             with accepted:
@@ -595,7 +533,7 @@ def test_dial_timeout_bounds_a_silent_daemon(
         with gforward.start(base_url=url, vm_name="v", dial_timeout=0.5, logger=logger,
                             specs=[f"127.0.0.1:0:{echo_server}"]) as fwd:
             began = time.monotonic()
-            assert refused(fwd.listeners[0])
+            assert refused(fwd)
             assert time.monotonic() - began < 10, "dial_timeout=0.5 did not end the tunnel"
             handler.find(logging.WARNING, "failed", "0.5 s")
 
@@ -656,7 +594,7 @@ def test_logging(log: tuple[logging.Logger, ListHandler], echo_server: str) -> N
             listening = handler.find(logging.INFO, "listening on", listener.local, timeout=0)
             assert "sbox-9" in listening.getMessage() and echo_server in listening.getMessage()
             payload = os.urandom(12345)
-            assert echo_once(address(listener), payload) == payload
+            assert echo_once(local_address(listener), payload) == payload
             handler.find(logging.DEBUG, "opened", echo_server)
             handler.find(logging.DEBUG, "closed", "12345 bytes up", "12345 down")
 
@@ -664,21 +602,21 @@ def test_logging(log: tuple[logging.Logger, ListHandler], echo_server: str) -> N
         url = f"http://127.0.0.1:{free_port()}"
         with gforward.start(base_url=url, token=TOKEN, vm_name="sbox-9",
                             specs=[f"127.0.0.1:0:{echo_server}"], logger=logger) as fwd:
-            assert refused(fwd.listeners[0])
+            assert refused(fwd)
             failed = handler.find(logging.WARNING, "failed", echo_server)
             assert f"127.0.0.1:{url.rsplit(':', 1)[1]}" in failed.getMessage()
 
         # A wrong token: the 401 is logged, neither token is.
         with gforward.start(base_url=daemon.url, token=wrong, vm_name="sbox-9",
                             specs=[f"127.0.0.1:0:{echo_server}"], logger=logger) as fwd:
-            assert refused(fwd.listeners[0])
+            assert refused(fwd)
             handler.find(logging.WARNING, "401")
 
         # The upstream cannot be dialled inside the "VM": the daemon's 502 is logged.
         with gforward.start(base_url=daemon.url, token=TOKEN, vm_name="sbox-9",
                             specs=[f"127.0.0.1:0:127.0.0.1:{free_port()}"],
                             logger=logger) as fwd:
-            assert refused(fwd.listeners[0])
+            assert refused(fwd)
             handler.find(logging.WARNING, "502")
     text = handler.text()
     assert TOKEN not in text
@@ -701,42 +639,37 @@ def test_default_logger_is_gforward(
 # Whole apps, as subprocesses -------------------------------------------------------------
 
 
-def test_app_plain_process() -> None:
-    result = run_app("plain_fetch.py")
-    assert result.returncode == 0, result.stdout + result.stderr
+def _fetch_app(script: str, *, patched: bool, fetched: str) -> None:
+    """plain_fetch.py or gevent_fetch.py: five pages through a forwarder, then closed."""
+    result = run_app(script)
     lines = result.stdout.splitlines()
-    assert lines[0] == "patched: False"
-    assert "fetched 5 pages" in lines[1] and "status 200" in lines[1]
+    assert lines[0] == f"patched: {patched}"
+    assert fetched in lines[1] and "status 200" in lines[1]
     assert lines[-2:] == ["forwarder closed", "ok"]
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_app_plain_process() -> None:
+    _fetch_app("plain_fetch.py", patched=False, fetched="fetched 5 pages")
 
 
 def test_app_gevent_patched_process() -> None:
-    result = run_app("gevent_fetch.py")
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "patched: True"
-    assert "fetched 5 pages concurrently" in lines[1] and "status 200" in lines[1]
-    assert lines[-2:] == ["forwarder closed", "ok"]
-    assert "Traceback" not in result.stderr, result.stderr
+    _fetch_app("gevent_fetch.py", patched=True, fetched="fetched 5 pages concurrently")
 
 
 def test_gevent_close_from_the_starting_greenlet() -> None:
     result = run_app("gevent_other_greenlet.py", "same", timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "ok"
 
 
 @pytest.mark.parametrize("scenario", ["close", "wait"])
 def test_gevent_close_or_wait_from_another_greenlet(scenario: str) -> None:
     result = run_app("gevent_other_greenlet.py", scenario, timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "ok"
 
 
 def test_close_from_a_logging_handler_in_the_hub() -> None:
     result = run_app("close_in_hub.py", timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "close() returned" in result.stdout
 
 
@@ -749,7 +682,6 @@ def test_backpressure_does_not_buffer_in_memory() -> None:
     socket buffers elsewhere (tcp_rmem max is 32 MiB on this machine).
     """
     result = run_app("backpressure.py", "128", timeout=50)
-    assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
     mib = 1024 * 1024
     assert report["guest_finished_unread"] is False, report

@@ -9,15 +9,8 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
 from tests.peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FakeDaemon, Frame, Peer, Script
-from tests.test_tunnel import (
-    assert_logged,
-    connect,
-    forward,
-    gflog,  # noqa: F401  (fixture)
-    local_address,
-)
+from tests.support import assert_logged, connect, echo_once, forward, local_address
 
 
 def _answer_pings(pings: list[Frame]) -> Script:
@@ -55,7 +48,7 @@ def _silent(frames: list[Frame]) -> Script:
     return script
 
 
-def test_silent_daemon_is_detected(gflog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_silent_daemon_is_detected(gflog: pytest.LogCaptureFixture) -> None:
     frames: list[Frame] = []
     with FakeDaemon(_silent(frames)) as fake, forward(
         fake.url, ping_interval=0.5, ping_timeout=0.5

@@ -10,56 +10,17 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import socket
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
+from tests.support import can_bind, echo_once, free_port
 
 PAYLOAD = os.urandom(64 * 1024)
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range.
-
-    Ports from port 0 come from the ephemeral range, which any process's
-    outgoing connections share: once we free one, another connection may take
-    it at once, and a "the port is free again" check would fail for nothing.
-    """
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    low = int(ephemeral[0])
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def can_bind(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:port now.
-
-    SO_REUSEADDR as servers (and gforward) set it: connections the forwarder
-    closed linger in TIME_WAIT on that port, but a listener still holding it
-    makes bind() fail even so.
-    """
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen(1)
-        except OSError:
-            return False
-        return True
 
 
 def is_listening(path: str) -> bool:
@@ -87,6 +48,14 @@ def held_port() -> Iterator[tuple[socket.socket, int]]:
 
 def start(daemon: gforward.daemon.Daemon, *specs: str) -> gforward.Forwarder:
     return gforward.start(base_url=daemon.url, vm_name="sbox-1", specs=list(specs))
+
+
+def assert_socket_serves(path: str) -> os.stat_result:
+    """A socket file is at `path`, and a tunnel through it works; returns its lstat()."""
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert echo_once(path, PAYLOAD) == PAYLOAD
+    return st
 
 
 # TCP listeners ---------------------------------------------------------------------------
@@ -180,11 +149,9 @@ def test_unix_listener_fields_and_mode(
     with start(daemon, spec) as fwd:
         (listener,) = fwd.listeners
         assert listener == gforward.Listener(spec=spec, local=path, remote=echo_server, port=0)
-        st = os.lstat(path)
-        assert stat.S_ISSOCK(st.st_mode)
+        st = assert_socket_serves(path)
         assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
         assert st.st_uid == os.getuid()
-        assert echo_once(path, PAYLOAD) == PAYLOAD
     assert not os.path.lexists(path), "socket file not removed on close()"
 
 
@@ -222,8 +189,7 @@ def test_unix_parent_directory_is_created(
     path = os.path.join(short_tmp, "a", "b", "fwd.sock")
     with start(daemon, f"{path}:{echo_server}"):
         assert os.path.isdir(os.path.dirname(path))
-        assert stat.S_ISSOCK(os.lstat(path).st_mode)
-        assert echo_once(path, PAYLOAD) == PAYLOAD
+        assert_socket_serves(path)
     assert not os.path.lexists(path)
 
 
@@ -236,10 +202,8 @@ def test_stale_socket_file_is_replaced(
     stale.close()  # the file stays; nothing listens on it
     assert stat.S_ISSOCK(os.lstat(path).st_mode) and not is_listening(path)
     with start(daemon, f"{path}:{echo_server}"):
-        st = os.lstat(path)
-        assert stat.S_ISSOCK(st.st_mode)
+        st = assert_socket_serves(path)
         assert stat.S_IMODE(st.st_mode) == 0o600
-        assert echo_once(path, PAYLOAD) == PAYLOAD
     assert not os.path.lexists(path)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
+from tests.support import echo_once
 
 
 def test_echo_through_reference_daemon(daemon: gforward.daemon.Daemon, echo_server: str) -> None:

@@ -12,25 +12,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import os
-import selectors
 import socket
-import ssl
 import struct
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import trustme
 
 import gforward
 import gforward.daemon
-from tests.conftest import echo_once
 from tests.peers import (
     OP_BINARY,
     OP_CLOSE,
@@ -41,76 +34,39 @@ from tests.peers import (
     Frame,
     Guest,
     Peer,
-    accept_key,
-    echo_until_eof,
+    Script,
+    accept_tcp_only,
+    accept_then_close,
+    accept_then_echo,
+    announced,
+    answer_then_wait,
     encode_frame,
+    silent,
+)
+from tests.support import (
+    IO_TIMEOUT,
+    MARGIN,
+    assert_closed_within,
+    assert_logged,
+    assert_secret_not_logged,
+    connect,
+    echo_once,
+    forward,
+    ipv6_loopback,
+    local_address,
+    read_exact,
+    read_to_eof,
+    refused_then_echo_works,
+    tls_daemon,
+    tls_script,
+    warnings_of,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-MARGIN = 2.0  # seconds allowed on top of a stated bound (a loaded CI machine)
-IO_TIMEOUT = 10.0  # no test socket blocks longer than this
 LINGER = 5.0  # gforward's pump linger: a prompt EOF comes well before it
 TOKEN = "s3cret-Token-9f8e7d"
 
 
 # Helpers -----------------------------------------------------------------------
-
-
-def forward(base_url: str, spec_target: str = "127.0.0.1:9",
-            **options: object) -> gforward.Forwarder:
-    """A forwarder with one loopback listener on a free port to `spec_target`."""
-    fields: dict[str, object] = {"vm_name": "sbox-1", "token": ""}
-    fields.update(options)
-    specs = fields.pop("specs", [f"127.0.0.1:0:{spec_target}"])
-    return gforward.start(base_url=base_url, specs=specs, **fields)  # type: ignore[arg-type]
-
-
-def local_address(fwd: gforward.Forwarder) -> tuple[str, int] | str:
-    listener = fwd.listeners[0]
-    return ("127.0.0.1", listener.port) if listener.port else listener.local
-
-
-def connect(fwd: gforward.Forwarder, timeout: float = IO_TIMEOUT) -> socket.socket:
-    address = local_address(fwd)
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        data = sock.recv(256 * 1024)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes: {data!r}"
-        data += chunk
-    return data
-
-
-def assert_closed_within(sock: socket.socket, seconds: float) -> None:
-    """The local connection ends (EOF or reset) within `seconds`, without sending anything."""
-    sock.settimeout(seconds)
-    try:
-        data = sock.recv(65536)
-    except ConnectionResetError:
-        return
-    except socket.timeout:
-        pytest.fail(f"local connection still open after {seconds:g} s")
-    assert data == b"", f"unexpected bytes from a failed tunnel: {data[:100]!r}"
 
 
 def _addr(url: str) -> tuple[str, int]:
@@ -119,33 +75,11 @@ def _addr(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """The forwarder's own warnings (not the reference daemon's, on gforward.daemon)."""
-    return [r.getMessage() for r in caplog.records
-            if r.name == "gforward" and r.levelno >= logging.WARNING]
-
-
-def assert_logged(caplog: pytest.LogCaptureFixture, *parts: str) -> str:
-    """One gforward warning (or worse) holds every part; returns it."""
-    messages = warnings_of(caplog)
-    for message in messages:
-        if all(part in message for part in parts):
-            return message
-    pytest.fail(f"no gforward warning holds {parts!r}; got {messages!r}")
-
-
-def assert_secret_not_logged(caplog: pytest.LogCaptureFixture, secret: str = TOKEN) -> None:
-    formatter = logging.Formatter()
-    for record in caplog.records:
-        text = formatter.format(record) + repr(record.args)
-        assert secret not in text, f"token leaked into a log record: {text!r}"
-
-
-@pytest.fixture
-def gflog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """Every gforward record down to DEBUG."""
-    caplog.set_level(logging.DEBUG, logger="gforward")
-    return caplog
+def _trust(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ca` becomes the system store (SSL_CERT_FILE); before start(): its context loads it."""
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
 
 
 def _reply_after_eof(sock: socket.socket) -> None:
@@ -155,54 +89,16 @@ def _reply_after_eof(sock: socket.socket) -> None:
     sock.sendall(b"%d %s\n" % (len(request), hashlib.sha256(request).hexdigest().encode()) + body)
 
 
-@pytest.fixture
-def echo_server() -> Iterator[str]:
-    """A TCP echo guest (overrides conftest's, whose shutdown polls every 0.5 s)."""
-    with Guest(echo_until_eof) as guest:
-        yield guest.target
-
-
-@pytest.fixture
-def unix_echo_server(short_tmp: str) -> Iterator[str]:
-    """A unix-socket echo guest; yields its path."""
-    with Guest(echo_until_eof, os.path.join(short_tmp, "guest.sock")) as guest:
-        yield guest.target
-
-
-@pytest.fixture
-def upstream_hole() -> Iterator[socket.socket]:
-    """A bound loopback port nobody listens on (yet): connecting there is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
 # The gevent-websocket peer -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def gws_root() -> Iterator[str]:
     """`http://127.0.0.1:PORT` of the gevent-websocket peer, serving under /slicer."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.peers", "gws", "--prefix", "/slicer"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            assert selector.select(IO_TIMEOUT), "gevent-websocket peer did not start"
-        line = proc.stdout.readline()
+    with announced(["-m", "tests.peers", "gws", "--prefix", "/slicer"],
+                   timeout=IO_TIMEOUT) as (_, line):
         assert line.startswith("listening on "), f"peer said {line!r}"
         yield line.split()[-1]
-    finally:
-        proc.kill()
-        proc.wait(IO_TIMEOUT)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture
@@ -213,19 +109,6 @@ def gws_url(gws_root: str) -> str:
 # 1. The upgrade request, byte for byte ----------------------------------------------
 
 
-def _accept_then_echo(peer: Peer) -> None:
-    peer.read_request()
-    peer.accept()
-    peer.echo()
-
-
-def _accept_then_close(peer: Peer) -> None:
-    peer.read_request()
-    peer.accept()
-    peer.close_ws()
-    peer.wait_eof()
-
-
 ALLOWED_HEADERS = {
     "host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
     "authorization", "x-inlets-client-id", "x-inlets-mode", "x-inlets-upstream", "user-agent",
@@ -233,7 +116,7 @@ ALLOWED_HEADERS = {
 
 
 def test_upgrade_request_line_and_default_headers() -> None:
-    with FakeDaemon(_accept_then_echo) as fake:
+    with FakeDaemon(accept_then_echo) as fake:
         port = fake.port
         with forward(f"http://127.0.0.1:{port}/slicer", "127.0.0.1:5432", vm_name="a b/c") as fwd:
             for payload in (b"first", b"second"):
@@ -256,15 +139,6 @@ def test_upgrade_request_line_and_default_headers() -> None:
     assert first.names <= ALLOWED_HEADERS, f"unexpected headers {first.names - ALLOWED_HEADERS}"
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize(
     ("host", "url_host", "path", "target"),
     [
@@ -272,12 +146,12 @@ def _ipv6_loopback() -> bool:
         ("127.0.0.1", "127.0.0.1", "/", "/vm/sbox-1/forward"),
         ("127.0.0.1", "localhost", "/slicer/", "/slicer/vm/sbox-1/forward"),
         pytest.param("::1", "[::1]", "/a/b", "/a/b/vm/sbox-1/forward",
-                     marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")),
+                     marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")),
     ],
     ids=["no prefix", "slash", "localhost, prefix/", "ipv6, deep prefix"],
 )
 def test_base_url_host_and_prefix(host: str, url_host: str, path: str, target: str) -> None:
-    with FakeDaemon(_accept_then_close, host=host) as fake, forward(
+    with FakeDaemon(accept_then_close, host=host) as fake, forward(
         f"http://{url_host}:{fake.port}{path}"
     ) as fwd, connect(fwd) as sock:
         assert read_to_eof(sock) == b""
@@ -288,7 +162,7 @@ def test_base_url_host_and_prefix(host: str, url_host: str, path: str, target: s
 
 
 def test_token_client_id_and_user_agent_options(gflog: pytest.LogCaptureFixture) -> None:
-    with FakeDaemon(_accept_then_echo) as fake, forward(
+    with FakeDaemon(accept_then_echo) as fake, forward(
         fake.url, token=TOKEN, client_id="ci-runner-7", user_agent="my-app/2.0 (tests)"
     ) as fwd:
         assert echo_once(local_address(fwd), b"x") == b"x"
@@ -298,7 +172,7 @@ def test_token_client_id_and_user_agent_options(gflog: pytest.LogCaptureFixture)
     assert request.get("Authorization") == f"Bearer {TOKEN}"
     assert request.get("X-Inlets-Client-ID") == "ci-runner-7"
     assert request.get("User-Agent") == "my-app/2.0 (tests)"
-    assert_secret_not_logged(gflog)
+    assert_secret_not_logged(gflog, TOKEN)
 
 
 @pytest.mark.parametrize(
@@ -313,7 +187,7 @@ def test_token_client_id_and_user_agent_options(gflog: pytest.LogCaptureFixture)
 @pytest.mark.parametrize("listen", ["tcp", "unix"])
 def test_upstream_header(remote: str, upstream: str, listen: str, short_tmp: str) -> None:
     local = "127.0.0.1:0" if listen == "tcp" else os.path.join(short_tmp, "local.sock")
-    with FakeDaemon(_accept_then_close) as fake, forward(
+    with FakeDaemon(accept_then_close) as fake, forward(
         fake.url, specs=[f"{local}:{remote}"]
     ) as fwd:
         assert fwd.listeners[0].remote == upstream
@@ -325,7 +199,7 @@ def test_upstream_header(remote: str, upstream: str, listen: str, short_tmp: str
 
 def test_unix_daemon_gets_host_localhost_and_no_prefix(short_tmp: str) -> None:
     path = os.path.join(short_tmp, "fake-daemon.sock")
-    with FakeDaemon(_accept_then_echo, unix_path=path) as fake, forward(
+    with FakeDaemon(accept_then_echo, unix_path=path) as fake, forward(
         f"unix://{path}", vm_name="vm1"
     ) as fwd:
         assert echo_once(local_address(fwd), b"over unix") == b"over unix"
@@ -364,26 +238,11 @@ def test_http_base_url_reference_daemon(daemon: gforward.daemon.Daemon, echo_ser
         assert echo_once(local_address(fwd), b"plain http") == b"plain http"
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def _tls_daemon(ca: trustme.CA, tmp_path: Path, *names: str) -> gforward.daemon.Daemon:
-    cert = ca.issue_cert(*names)
-    cert_file, key_file = tmp_path / "daemon.pem", tmp_path / "daemon.key"
-    cert.private_key_pem.write_to_path(str(key_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    return gforward.daemon.start(tls_cert=str(cert_file), tls_key=str(key_file))
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_https_base_url(host: str, ca: trustme.CA, tmp_path: Path, echo_server: str,
                         monkeypatch: pytest.MonkeyPatch) -> None:
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # before start(): its context loads it
-    with _tls_daemon(ca, tmp_path, "127.0.0.1", "localhost") as daemon:
+    _trust(ca, tmp_path, monkeypatch)
+    with tls_daemon(ca, tmp_path, "127.0.0.1", "localhost") as daemon:
         port = daemon.url.rsplit(":", 1)[1]
         assert daemon.url.startswith("https://")
         with forward(f"https://{host}:{port}", echo_server) as fwd:
@@ -394,19 +253,11 @@ def test_https_base_url(host: str, ca: trustme.CA, tmp_path: Path, echo_server: 
 def test_https_sends_sni_and_host(ca: trustme.CA, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A raw TLS fake daemon: the name asked for in the handshake is the URL's host."""
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server)
+    _trust(ca, tmp_path, monkeypatch)
     names: list[str | None] = []
-    server.sni_callback = lambda _sock, name, _ctx: names.append(name)
-
-    def tls_echo(peer: Peer) -> None:
-        peer.sock = server.wrap_socket(peer.sock, server_side=True)
-        _accept_then_echo(peer)
-
-    with FakeDaemon(tls_echo) as fake, forward(f"https://localhost:{fake.port}/p") as fwd:
+    with FakeDaemon(tls_script(ca, names)) as fake, forward(
+        f"https://localhost:{fake.port}/p"
+    ) as fwd:
         assert echo_once(local_address(fwd), b"over TLS") == b"over TLS"
     assert names == ["localhost"]
     request = fake.peers[0].request
@@ -423,18 +274,16 @@ def test_https_certificate_is_verified(problem: str, ca: trustme.CA, tmp_path: P
         monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the system store lacks our CA
         names: tuple[str, ...] = ("127.0.0.1",)
     else:
-        ca_file = tmp_path / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
-        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        _trust(ca, tmp_path, monkeypatch)
         names = ("daemon.example",)
-    with _tls_daemon(ca, tmp_path, *names) as daemon, forward(
+    with tls_daemon(ca, tmp_path, *names) as daemon, forward(
         daemon.url, echo_server, token=TOKEN
     ) as fwd:
         with connect(fwd) as sock:
             sock.sendall(b"must not arrive")
             assert_closed_within(sock, IO_TIMEOUT)
         assert_logged(gflog, "CERTIFICATE_VERIFY_FAILED")
-    assert_secret_not_logged(gflog)
+    assert_secret_not_logged(gflog, TOKEN)
 
 
 @pytest.mark.parametrize("form", ["/abs", "unix:///abs", "./rel", "../rel", "x.sock", "~/x"])
@@ -463,24 +312,13 @@ def test_unix_socket_base_url(form: str, short_tmp: str, unix_echo_server: str,
 # 3. Refusals: one tunnel fails, loudly, and the listener goes on ------------------------
 
 
-def _refused_then_echo_works(fwd: gforward.Forwarder, caplog: pytest.LogCaptureFixture,
-                             *logged: str) -> None:
-    """First connection: closed and logged; second, on the same listener: a working tunnel."""
-    with connect(fwd) as sock:
-        sock.sendall(b"hello?")
-        assert_closed_within(sock, IO_TIMEOUT)
-    assert_logged(caplog, *logged)
-    assert echo_once(local_address(fwd), b"next one works") == b"next one works"
-    assert_secret_not_logged(caplog)
-
-
 def test_401_wrong_token(echo_server: str, gflog: pytest.LogCaptureFixture) -> None:
     """The daemon behind the same address is the strict one first, then an open one."""
     with gforward.daemon.start(token="the-right-one") as strict, gforward.daemon.start() as open_:
         switch = [lambda p: p.proxy(_addr(strict.url)), lambda p: p.proxy(_addr(open_.url))]
         with FakeDaemon(*switch) as fake, forward(fake.url, echo_server, token=TOKEN) as fwd:
-            _refused_then_echo_works(fwd, gflog, "HTTP/1.1 401 Unauthorized",
-                                     "missing or wrong bearer token")
+            refused_then_echo_works(fwd, gflog, "HTTP/1.1 401 Unauthorized",
+                                    "missing or wrong bearer token", secret=TOKEN)
 
 
 def test_404_wrong_path_prefix(gws_root: str, daemon: gforward.daemon.Daemon, echo_server: str,
@@ -489,8 +327,8 @@ def test_404_wrong_path_prefix(gws_root: str, daemon: gforward.daemon.Daemon, ec
     switch = [lambda p: p.proxy(_addr(gws_root)), lambda p: p.proxy(_addr(daemon.url))]
     with FakeDaemon(*switch) as fake, forward(fake.url + "/wrong", echo_server,
                                               vm_name="echo", token=TOKEN) as fwd:
-        _refused_then_echo_works(fwd, gflog, "404 Not Found",
-                                 "no such endpoint /wrong/vm/echo/forward")
+        refused_then_echo_works(fwd, gflog, "404 Not Found",
+                                "no such endpoint /wrong/vm/echo/forward", secret=TOKEN)
 
 
 def test_502_upstream_port_closed(daemon: gforward.daemon.Daemon,
@@ -513,7 +351,7 @@ def test_502_upstream_port_closed(daemon: gforward.daemon.Daemon,
                 assert read_to_eof(guest) == b"ping"
                 guest.sendall(b"pong")
             assert read_to_eof(sock) == b"pong"
-    assert_secret_not_logged(gflog)
+    assert_secret_not_logged(gflog, TOKEN)
 
 
 def _bad_accept(peer: Peer) -> None:
@@ -523,12 +361,12 @@ def _bad_accept(peer: Peer) -> None:
 
 
 def test_bad_sec_websocket_accept_fails_only_that_tunnel(gflog: pytest.LogCaptureFixture) -> None:
-    with FakeDaemon(_accept_then_echo, _bad_accept, _accept_then_echo) as fake, forward(
+    with FakeDaemon(accept_then_echo, _bad_accept, accept_then_echo) as fake, forward(
         fake.url, token=TOKEN
     ) as fwd, connect(fwd) as established:
         established.sendall(b"1")
         assert read_exact(established, 1) == b"1"
-        _refused_then_echo_works(fwd, gflog, "HTTP/1.1 101 Switching Protocols")
+        refused_then_echo_works(fwd, gflog, "HTTP/1.1 101 Switching Protocols", secret=TOKEN)
         established.sendall(b"2")  # other tunnels go on
         assert read_exact(established, 1) == b"2"
         established.shutdown(socket.SHUT_WR)
@@ -570,27 +408,18 @@ REFUSALS = {
 def test_non_101_answer_is_logged_with_status_and_body(answer: str,
                                                        gflog: pytest.LogCaptureFixture) -> None:
     raw, logged = REFUSALS[answer]
-
-    def refuse(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(raw)
-        peer.wait_eof()  # stays connected: the answer alone must end the tunnel
-
-    with FakeDaemon(refuse, _accept_then_echo) as fake, forward(
+    refuse = answer_then_wait(raw)  # stays connected: the answer alone must end the tunnel
+    with FakeDaemon(refuse, accept_then_echo) as fake, forward(
         fake.url, token=TOKEN, dial_timeout=5
     ) as fwd:
-        _refused_then_echo_works(fwd, gflog, *logged)
+        refused_then_echo_works(fwd, gflog, *logged, secret=TOKEN)
     assert all(len(m) < 1000 for m in warnings_of(gflog)), "a whole body went into the log"
 
 
 def test_refusal_with_unending_body_still_logs_its_status_line(
     gflog: pytest.LogCaptureFixture,
 ) -> None:
-    def refuse(peer: Peer) -> None:
-        peer.read_request()
-        peer.send(b"HTTP/1.1 503 Service Unavailable\r\n\r\nvm is starting")
-        peer.wait_eof()
-
+    refuse = answer_then_wait(b"HTTP/1.1 503 Service Unavailable\r\n\r\nvm is starting")
     with FakeDaemon(refuse) as fake, forward(fake.url, dial_timeout=1) as fwd, connect(fwd) as sock:
         assert_closed_within(sock, 1 + MARGIN)
     assert_logged(gflog, "HTTP/1.1 503 Service Unavailable")
@@ -599,41 +428,26 @@ def test_refusal_with_unending_body_still_logs_its_status_line(
 # 4. A daemon that does not answer, or is not there -------------------------------------
 
 
-def _silent(peer: Peer) -> None:
-    peer.read_request()
-    peer.wait_eof()
+_half_status_line = answer_then_wait(b"HTTP/1.1 101 Swi")
 
 
-def _half_status_line(peer: Peer) -> None:
-    peer.read_request()
-    peer.send(b"HTTP/1.1 101 Swi")
-    peer.wait_eof()
-
-
-def _accept_tcp_only(peer: Peer) -> None:
-    peer.wait_eof()  # never even reads the request
-
-
-@pytest.mark.parametrize("script", [_silent, _half_status_line, _accept_tcp_only],
+@pytest.mark.parametrize("script", [silent, _half_status_line, accept_tcp_only],
                          ids=["never answers", "half a status line", "never reads"])
-def test_daemon_that_stalls_is_cut_at_dial_timeout(script: Callable[[Peer], None],
+def test_daemon_that_stalls_is_cut_at_dial_timeout(script: Script,
                                                     gflog: pytest.LogCaptureFixture) -> None:
     with FakeDaemon(script) as fake, forward(fake.url, dial_timeout=1, token=TOKEN) as fwd:
         with connect(fwd) as sock:
             assert_closed_within(sock, 1 + MARGIN)
         assert_logged(gflog, f"127.0.0.1:{fake.port}")
-    assert_secret_not_logged(gflog)
+    assert_secret_not_logged(gflog, TOKEN)
 
 
-def _refuse_kept_alive(peer: Peer) -> None:
-    peer.read_request()
-    peer.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-    peer.wait_eof()
+_refuse_kept_alive = answer_then_wait(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
 
 
-@pytest.mark.parametrize("script", [_bad_accept, _refuse_kept_alive, _silent],
+@pytest.mark.parametrize("script", [_bad_accept, _refuse_kept_alive, silent],
                          ids=["bad accept", "404 kept alive", "never answers"])
-def test_failed_upgrade_closes_the_daemon_connection(script: Callable[[Peer], None],
+def test_failed_upgrade_closes_the_daemon_connection(script: Script,
                                                      gflog: pytest.LogCaptureFixture) -> None:
     """A daemon must not be left holding a connection its client has given up on.
 
@@ -669,7 +483,7 @@ def test_daemon_down(where: str, upstream_hole: socket.socket, short_tmp: str,
             with connect(fwd) as sock:
                 assert_closed_within(sock, 1 + MARGIN)
         assert_logged(gflog, shown)
-    assert_secret_not_logged(gflog)
+    assert_secret_not_logged(gflog, TOKEN)
 
 
 # 5. Data -----------------------------------------------------------------------------
@@ -826,25 +640,38 @@ def test_gevent_websocket_ping_is_answered(gws_url: str) -> None:
         assert read_exact(sock, 13) == b"still echoing"
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x00\xff\r\n binary", bytes(range(125))],
-                         ids=["empty", "binary", "125 bytes"])
-def test_ping_between_data_frames_is_answered_with_same_payload(payload: bytes) -> None:
+def _daemon_sends(frames: bytes, expected: bytes, *, with_101: bool = False) -> list[Frame]:
+    """A fake daemon upgrades and sends `frames` (in the 101's own packet when `with_101`);
+    the client reads `expected` from them, then half-closes and sees EOF, and the daemon
+    sees the forwarder close its connection.  Returns the control frames the daemon got:
+    the first (a pong), then those up to and with the client's Close."""
     control: list[Frame] = []
 
-    def ping(peer: Peer) -> None:
+    def script(peer: Peer) -> None:
         peer.read_request()
-        peer.accept()
-        peer.send(encode_frame(OP_BINARY, b"before ") + encode_frame(OP_PING, payload)
-                  + encode_frame(OP_BINARY, b"after"))
+        if with_101:
+            peer.accept(then=frames)
+        else:
+            peer.accept()
+            peer.send(frames)
         control.append(peer.read_frame())
         control.extend(peer.echo())
         peer.wait_eof()
 
-    with FakeDaemon(ping) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
-        assert read_exact(sock, 12) == b"before after"
+    with FakeDaemon(script) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
+        assert read_exact(sock, len(expected)) == expected
         sock.shutdown(socket.SHUT_WR)
         assert read_to_eof(sock) == b""
         assert fake.peers[0].eof.wait(IO_TIMEOUT)
+    return control
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\xff\r\n binary", bytes(range(125))],
+                         ids=["empty", "binary", "125 bytes"])
+def test_ping_between_data_frames_is_answered_with_same_payload(payload: bytes) -> None:
+    frames = (encode_frame(OP_BINARY, b"before ") + encode_frame(OP_PING, payload)
+              + encode_frame(OP_BINARY, b"after"))
+    control = _daemon_sends(frames, b"before after")
     pong = control[0]
     assert (pong.opcode, pong.fin, pong.masked, pong.payload) == (OP_PONG, True, True, payload)
     assert [f.opcode for f in control[1:]] == [OP_CLOSE]
@@ -852,41 +679,14 @@ def test_ping_between_data_frames_is_answered_with_same_payload(payload: bytes) 
 
 def test_ping_in_the_same_packet_as_the_101() -> None:
     """Frames read along with the upgrade answer are not lost: the ping is still answered."""
-    control: list[Frame] = []
-
-    def accept_with_ping(peer: Peer) -> None:
-        request = peer.read_request()
-        key = accept_key(request.get("Sec-WebSocket-Key") or "")
-        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                  b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + key.encode() + b"\r\n\r\n"
-                  + encode_frame(OP_PING, b"early") + encode_frame(OP_BINARY, b"hello"))
-        control.append(peer.read_frame())
-        control.extend(peer.echo())
-        peer.wait_eof()
-
-    with FakeDaemon(accept_with_ping) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
-        assert read_exact(sock, 5) == b"hello"
-        sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock) == b""
-        assert fake.peers[0].eof.wait(IO_TIMEOUT)
+    frames = encode_frame(OP_PING, b"early") + encode_frame(OP_BINARY, b"hello")
+    control = _daemon_sends(frames, b"hello", with_101=True)
     assert (control[0].opcode, control[0].payload) == (OP_PONG, b"early")
 
 
 def test_fragmented_message_with_a_ping_inside() -> None:
     """RFC 6455 5.4: control frames may come between the fragments of a message."""
-    control: list[Frame] = []
-
-    def fragments(peer: Peer) -> None:
-        peer.read_request()
-        peer.accept()
-        peer.send(encode_frame(OP_TEXT, b"frag", fin=False) + encode_frame(OP_PING, b"mid")
-                  + encode_frame(0x0, b"men", fin=False) + encode_frame(0x0, b"ted", fin=True))
-        control.append(peer.read_frame())
-        control.extend(peer.echo())
-        peer.wait_eof()
-
-    with FakeDaemon(fragments) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
-        assert read_exact(sock, 10) == b"fragmented"
-        sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock) == b""
+    frames = (encode_frame(OP_TEXT, b"frag", fin=False) + encode_frame(OP_PING, b"mid")
+              + encode_frame(0x0, b"men", fin=False) + encode_frame(0x0, b"ted", fin=True))
+    control = _daemon_sends(frames, b"fragmented")
     assert (control[0].opcode, control[0].payload) == (OP_PONG, b"mid")

@@ -1,0 +1,307 @@
+"""What the test modules share besides fixtures (those are in conftest.py) and fake peers
+(tests/peers.py): the client's side of a tunnel, free ports, log checks, TLS files and
+the command line.
+
+Nothing here is a test module's own: a helper that one module alone uses stays there.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import re
+import shutil
+import socket
+import ssl
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Union
+
+import pytest
+
+import gforward
+import gforward.daemon
+from tests.peers import (
+    READ_TIMEOUT,
+    Peer,
+    Program,
+    Programs,
+    Script,
+    accept_then_echo,
+    clean_env,
+)
+
+if TYPE_CHECKING:
+    import trustme
+
+MARGIN = 2.0  # seconds allowed on top of a stated bound (a loaded CI machine)
+IO_TIMEOUT = 10.0  # no test socket blocks longer than this, unless a test says otherwise
+
+Address = Union[tuple[str, int], str]  # ("127.0.0.1", port), or a unix socket's path
+
+
+# A forwarder and its local side ---------------------------------------------------------
+
+
+def forward(base_url: str, spec_target: str = "127.0.0.1:9",
+            **options: object) -> gforward.Forwarder:
+    """A forwarder with one loopback listener on a free port to `spec_target`."""
+    fields: dict[str, object] = {"vm_name": "sbox-1", "token": ""}
+    fields.update(options)
+    specs = fields.pop("specs", [f"127.0.0.1:0:{spec_target}"])
+    return gforward.start(base_url=base_url, specs=specs, **fields)
+
+
+def local_address(where: gforward.Forwarder | gforward.Listener) -> Address:
+    """Where a client connects to reach a listener (a forwarder's first one)."""
+    listener = where.listeners[0] if isinstance(where, gforward.Forwarder) else where
+    return ("127.0.0.1", listener.port) if listener.port else listener.local
+
+
+def connect(where: gforward.Forwarder | gforward.Listener,
+            timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A client connection to a listener (a forwarder's first one)."""
+    address = local_address(where)
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        data = sock.recv(256 * 1024)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(min(n - len(data), 256 * 1024))
+        assert chunk, f"EOF after {len(data)} of {n} bytes: {bytes(data[:100])!r}"
+        data += chunk
+    return bytes(data)
+
+
+def echo_once(address: Address, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes:
+    """Connect, send `payload`, half-close, and read everything back."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return read_to_eof(sock)
+
+
+def refused(where: gforward.Forwarder | gforward.Listener, payload: bytes = b"hello") -> bool:
+    """Whether a tunnel fails: the client gets no byte back, only EOF or a reset."""
+    try:
+        return echo_once(local_address(where), payload) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError as exc:  # shutdown() after the reset arrived: ENOTCONN
+        if exc.errno == errno.ENOTCONN:
+            return True
+        raise
+
+
+def assert_closed_within(sock: socket.socket, seconds: float) -> None:
+    """The local connection ends (EOF or reset) within `seconds`, without sending anything."""
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return
+    except socket.timeout:
+        pytest.fail(f"local connection still open after {seconds:g} s")
+    assert data == b"", f"unexpected bytes from a failed tunnel: {data[:100]!r}"
+
+
+def refused_then_echo_works(fwd: gforward.Forwarder, caplog: pytest.LogCaptureFixture,
+                            *logged: str, secret: str) -> None:
+    """First connection: closed and logged; second, on the same listener: a working tunnel."""
+    with connect(fwd) as sock:
+        sock.sendall(b"hello?")
+        assert_closed_within(sock, IO_TIMEOUT)
+    assert_logged(caplog, *logged)
+    assert echo_once(local_address(fwd), b"next one works") == b"next one works"
+    assert_secret_not_logged(caplog, secret)
+
+
+def wait_until(condition: Callable[[], object], timeout: float) -> None:
+    """Poll `condition` every 10 ms until it holds or `timeout` seconds pass (the caller
+    then asserts what it waited for)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# Ports -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    Ports from port 0 come from the ephemeral range, which any process's
+    outgoing connections share: once we free one, another connection may take
+    it at once, and a "the port is free again" check would fail for nothing.
+    """
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    low = int(ephemeral[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def can_bind(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now.
+
+    SO_REUSEADDR as servers (and gforward) set it: connections the forwarder
+    closed linger in TIME_WAIT on that port, but a listener still holding it
+    makes bind() fail even so.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1)
+        except OSError:
+            return False
+        return True
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# Logs ------------------------------------------------------------------------------------
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The forwarder's own warnings (not the reference daemon's, on gforward.daemon)."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "gforward" and r.levelno >= logging.WARNING]
+
+
+def assert_logged(caplog: pytest.LogCaptureFixture, *parts: str) -> str:
+    """One gforward warning (or worse) holds every part; returns it."""
+    messages = warnings_of(caplog)
+    for message in messages:
+        if all(part in message for part in parts):
+            return message
+    pytest.fail(f"no gforward warning holds {parts!r}; got {messages!r}")
+
+
+def assert_secret_not_logged(caplog: pytest.LogCaptureFixture, secret: str) -> None:
+    formatter = logging.Formatter()
+    for record in caplog.records:
+        text = formatter.format(record) + repr(record.args)
+        assert secret not in text, f"token leaked into a log record: {text!r}"
+
+
+# TLS -------------------------------------------------------------------------------------
+
+
+def cert_files(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
+    """A certificate from `ca` for `names`: (chain file, key file) in `directory`."""
+    cert = ca.issue_cert(*names)
+    cert_file, key_file = directory / "daemon.pem", directory / "daemon.key"
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return cert_file, key_file
+
+
+def tls_daemon(ca: trustme.CA, directory: Path, *names: str) -> gforward.daemon.Daemon:
+    """The reference daemon in this process, serving https with a certificate for `names`."""
+    cert_file, key_file = cert_files(ca, directory, *names)
+    return gforward.daemon.start(tls_cert=str(cert_file), tls_key=str(key_file))
+
+
+def tls_script(ca: trustme.CA, names: list[str | None],
+               then: Script = accept_then_echo) -> Script:
+    """A FakeDaemon script that serves TLS as "localhost" (recording SNI), then runs `then`."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server)
+    server.sni_callback = lambda _sock, name, _ctx: names.append(name)
+
+    def tls(peer: Peer) -> None:
+        peer.sock = server.wrap_socket(peer.sock, server_side=True)
+        then(peer)
+
+    return tls
+
+
+# The command line ------------------------------------------------------------------------
+
+CLI_LINE = re.compile(r"(\S+) -> (\S+) (\S+)")
+
+
+def gforward_cli(programs: Programs, *args: str, env: dict[str, str] | None = None,
+                 script: bool = False) -> Program:
+    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set."""
+    if script:
+        found = shutil.which("gforward")
+        assert found, "the gforward console script is not on PATH: pip install -e ."
+        command = [found]
+    else:
+        command = [sys.executable, "-m", "gforward"]
+    return programs.run(*command, *args, env=clean_env(**(env or {})))
+
+
+def announced_listeners(program: Program, count: int = 1) -> list[tuple[str, str, str]]:
+    """The `local -> vm remote` lines of `count` listeners."""
+    found = []
+    for _ in range(count):
+        line = program.readline()
+        match = CLI_LINE.fullmatch(line)
+        assert match, line
+        local, vm, remote = match.groups()
+        found.append((local, vm, remote))
+    return found
+
+
+def http_get(local: str, path: str = "/") -> str:
+    """GET through a forwarded TCP port, bypassing any proxy settings."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{local}{path}", timeout=READ_TIMEOUT) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+def assert_cli_serves(program: Program, path: str) -> None:
+    """The one listener `program` announces forwards a GET of `path` to conftest's
+    `http_guest`."""
+    [(local, _, _)] = announced_listeners(program)
+    assert http_get(local, path) == f"guest says {path}"
