@@ -8,8 +8,8 @@ greenlets instead of threads.
 
 The guests stand in for services inside the VM: an HTTP server whose bodies
 are derived from the path (so a client checks every byte it gets), and an
-echo server (tests/conftest.py's, which these scripts cannot import without
-pytest).
+echo server (the scripts run without pytest, so they cannot use the suite's
+fixtures; this one is small and thread- or greenlet-based as the app is).
 """
 
 from __future__ import annotations
