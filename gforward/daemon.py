@@ -89,7 +89,7 @@ class Daemon(Service):
 
     def _serve_connection(self, client: socket.socket, address: Any) -> None:
         """The life of one tunnel: upgrade, check, dial the upstream, pump."""
-        with self._track(Connection(client)) as connection:
+        with Connection(self._connections, client) as connection:
             dial.set_nodelay(client)
             try:
                 with gevent.Timeout(HANDSHAKE_TIMEOUT, ForwardError("no upgrade request in time")):

@@ -152,7 +152,7 @@ class Forwarder(Service):
         settings = self._settings
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else listener.local
         name = f"{peer} -> {listener.remote}"
-        with self._track(Connection(local)) as connection:
+        with Connection(self._connections, local) as connection:
             dial.set_nodelay(local)
             try:
                 ws, trailing = dial.open_websocket(

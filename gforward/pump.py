@@ -112,20 +112,17 @@ class Pump:
         plain, and a greenlet blocked in recv is what a close() or the linger can end.
         """
         if self._plain_to_ws_greenlet is None:
-            self._plain_readable.stop()
+            self._plain_readable.close()  # done with: its memory counts, per idle tunnel
             self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws, _TO_WS)
 
     # Each direction --------------------------------------------------------
 
+    # A loop below never keeps its last read in a variable while it waits for the
+    # next: an idle tunnel would otherwise hold up to CHUNK bytes per direction.
+
     def _plain_to_ws(self) -> None:
-        last = self._last
-        while True:
-            data = self.plain.recv(CHUNK)
-            if not data:
-                break
-            last[_TO_WS] = time.monotonic()
-            if self._send(OP_BINARY, data):
-                self.sent += len(data)
+        while self._forward(self.plain.recv(CHUNK)):
+            pass
         try:
             self._send_close(frames.CLOSE_NORMAL, "")
         except OSError:
@@ -133,32 +130,52 @@ class Pump:
                 raise
             # The peer hung up right after its own Close, as some daemons do: nothing lost.
 
+    def _forward(self, data: bytes) -> bool:
+        """One read from plain goes out as one binary frame; False at plain's EOF."""
+        if not data:
+            return False
+        self._last[_TO_WS] = time.monotonic()
+        if self._send(OP_BINARY, data):
+            self.sent += len(data)
+        return True
+
     def _ws_to_plain(self) -> None:
         reader = frames.FrameReader(masked=not self.client)
-        last = self._last
-        data: Buffer = self._trailing
-        self._trailing = b""
-        while True:
-            # A read may end one frame and start the next: one vectored send for both.
-            pieces: list[Buffer] = []
-            try:
-                for event in reader.feed(data):
-                    if type(event) is frames.Data:
-                        pieces.append(event.payload)
-                    elif isinstance(event, frames.Ping):
-                        self._send(OP_PONG, event.payload)
-                    elif isinstance(event, frames.Close):
-                        self._deliver(pieces)
-                        self._on_close(event)
-                        return
-            except frames.ProtocolError:
-                self._deliver(pieces)  # what came before the bad frame is good
-                raise
-            self._deliver(pieces)
-            data = self.ws.recv(CHUNK)
-            if not data:
-                raise TunnelCut("WebSocket lost without a Close frame")
-            last[_TO_PLAIN] = time.monotonic()
+        trailing, self._trailing = self._trailing, b""
+        if self._on_frames(reader, trailing):
+            return
+        del trailing
+        while not self._on_frames(reader, self._read_ws()):
+            pass
+
+    def _read_ws(self) -> bytes:
+        data: bytes = self.ws.recv(CHUNK)
+        if not data:
+            raise TunnelCut("WebSocket lost without a Close frame")
+        self._last[_TO_PLAIN] = time.monotonic()
+        return data
+
+    def _on_frames(self, reader: frames.FrameReader, data: Buffer) -> bool:
+        """Act on what one read holds; True once the peer's Close came.
+
+        A read may end one frame and start the next: one vectored send for both.
+        """
+        pieces: list[Buffer] = []
+        try:
+            for event in reader.feed(data):
+                if type(event) is frames.Data:
+                    pieces.append(event.payload)
+                elif isinstance(event, frames.Ping):
+                    self._send(OP_PONG, event.payload)
+                elif isinstance(event, frames.Close):
+                    self._deliver(pieces)
+                    self._on_close(event)
+                    return True
+        except frames.ProtocolError:
+            self._deliver(pieces)  # what came before the bad frame is good
+            raise
+        self._deliver(pieces)
+        return False
 
     def _deliver(self, pieces: list[Buffer]) -> None:
         if pieces:

@@ -40,8 +40,6 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Callable, TypeVar
 
@@ -122,11 +120,21 @@ class _Server(StreamServer):  # type: ignore[misc]  # gevent ships no type hints
 
 
 class Connection:
-    """The sockets of one accepted connection, so that close() can end it."""
+    """The sockets of one accepted connection, so that close() can end it; registered
+    with its service for the length of a `with` block (a class, not a generator-based
+    context manager: a few hundred bytes less per idle tunnel)."""
 
-    def __init__(self, *sockets: socket.socket) -> None:
+    def __init__(self, registry: set[Connection], *sockets: socket.socket) -> None:
+        self._registry = registry
         self.sockets = list(sockets)
         self.aborted = False
+
+    def __enter__(self) -> Connection:
+        self._registry.add(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._registry.discard(self)
 
     def add(self, sock: socket.socket) -> None:
         self.sockets.append(sock)
@@ -250,15 +258,6 @@ class Service:
             server.log = self._log
             self._servers.append(server)
             server.start()
-
-    @contextmanager
-    def _track(self, connection: Connection) -> Iterator[Connection]:
-        """Register a connection for the length of a `with` block."""
-        self._connections.add(connection)
-        try:
-            yield connection
-        finally:
-            self._connections.discard(connection)
 
     # Closing --------------------------------------------------------------
 
