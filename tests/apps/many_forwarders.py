@@ -177,10 +177,7 @@ def main() -> int:
     say(f"hub threads left after closing: {len(hub_threads)}")
     if hub_threads or len(gforward_threads) > 1:
         problems.append(f"gforward threads left: {gforward_threads}")
-    for problem in problems:
-        say(f"PROBLEM {problem}")
-    say("FAILED" if problems else "ok")
-    return 1 if problems else 0
+    return support.verdict(problems)
 
 
 if __name__ == "__main__":

@@ -173,10 +173,7 @@ def main() -> int:
             parent.fwd.close()
             parent.daemon.close()
             parent.guests.stop()
-    for problem in problems:
-        say(f"PROBLEM {problem}")
-    say("FAILED" if problems else "ok")
-    return 1 if problems else 0
+    return support.verdict(problems)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ def say(*parts: object) -> None:
     os.write(sys.stdout.fileno(), (" ".join(map(str, parts)) + "\n").encode())
 
 
+def verdict(problems: list[str]) -> int:
+    """Print each problem and the last line the tests read ("ok" or "FAILED"); the exit status."""
+    for problem in problems:
+        say(f"PROBLEM {problem}")
+    say("FAILED" if problems else "ok")
+    return 1 if problems else 0
+
+
 # Guests ---------------------------------------------------------------------------------
 
 

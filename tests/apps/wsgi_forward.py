@@ -183,10 +183,7 @@ def main() -> int:
         finally:
             tick.kill()
             server.stop(timeout=5)
-    for problem in problems:
-        say(f"PROBLEM {problem}")
-    say("FAILED" if problems else "ok")
-    return 1 if problems else 0
+    return support.verdict(problems)
 
 
 if __name__ == "__main__":
