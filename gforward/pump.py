@@ -48,7 +48,6 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Buffer
 CHUNK = 256 * 1024
 LINGER = 5.0
 _CLEAN_CODES = (frames.CLOSE_NORMAL, frames.CLOSE_GOING_AWAY, 1005)
-_TO_WS, _TO_PLAIN = 0, 1  # the two directions, as indexes
 
 
 class TunnelCut(Exception):
@@ -85,7 +84,8 @@ class Pump:
         self._close_received = False
         self._finished = 0  # directions that ended well
         self._both_finished = Event()  # ...or the tunnel was cut
-        self._last = [time.monotonic()] * 2  # last progress of each direction (_TO_WS, _TO_PLAIN)
+        # Last progress of each direction, for the linger and keepalive rules.
+        self._to_ws_at = self._to_plain_at = time.monotonic()
         self._plain_readable: Any = None  # io watcher that starts plain -> WebSocket
         self._plain_to_ws_greenlet: gevent.Greenlet | None = None
         self._keepalive: Any = None  # timer watcher, while pings are on
@@ -98,7 +98,7 @@ class Pump:
         if self.ping_interval > 0:
             self._schedule_keepalive(self.ping_interval)
         try:
-            self._direction(self._ws_to_plain, _TO_PLAIN)
+            self._direction(self._ws_to_plain, to_plain=True)
         finally:
             self._plain_readable.close()
             if self._plain_to_ws_greenlet is not None:
@@ -113,7 +113,8 @@ class Pump:
         """
         if self._plain_to_ws_greenlet is None:
             self._plain_readable.close()  # done with: its memory counts, per idle tunnel
-            self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws, _TO_WS)
+            self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws,
+                                                      to_plain=False)
 
     # Each direction --------------------------------------------------------
 
@@ -134,7 +135,7 @@ class Pump:
         """One read from plain goes out as one binary frame; False at plain's EOF."""
         if not data:
             return False
-        self._last[_TO_WS] = time.monotonic()
+        self._to_ws_at = time.monotonic()
         if self._send(OP_BINARY, data):
             self.sent += len(data)
         return True
@@ -152,7 +153,7 @@ class Pump:
         data: bytes = self.ws.recv(CHUNK)
         if not data:
             raise TunnelCut("WebSocket lost without a Close frame")
-        self._last[_TO_PLAIN] = time.monotonic()
+        self._to_plain_at = time.monotonic()
         return data
 
     def _on_frames(self, reader: frames.FrameReader, data: Buffer) -> bool:
@@ -181,7 +182,7 @@ class Pump:
         if pieces:
             self.received += sum(map(len, pieces))
             send_buffers(self.plain, pieces)
-            self._last[_TO_PLAIN] = time.monotonic()
+            self._to_plain_at = time.monotonic()
 
     def _on_close(self, close: frames.Close) -> None:
         """The peer is done sending: carry its half-close to plain."""
@@ -205,7 +206,7 @@ class Pump:
         if self._close_sent or self._close_received:
             return  # closing: the linger rules bound what is left
         now = time.monotonic()
-        heard = self._last[_TO_PLAIN]  # any bytes from the peer prove it alive
+        heard = self._to_plain_at  # any bytes from the peer prove it alive
         if self._ping_sent_at is not None and heard < self._ping_sent_at:
             if now - self._ping_sent_at >= self.ping_timeout:
                 self._cut(f"no answer to a ping within {self.ping_timeout:g} s")
@@ -225,7 +226,7 @@ class Pump:
 
     # Supervision -----------------------------------------------------------
 
-    def _direction(self, loop: Callable[[], None], index: int) -> None:
+    def _direction(self, loop: Callable[[], None], *, to_plain: bool) -> None:
         """Run one direction; when it ends well, give the other `linger` idle seconds."""
         try:
             loop()
@@ -241,10 +242,11 @@ class Pump:
         self._finished += 1
         if self._finished == 2:
             self._both_finished.set()
-        elif index == _TO_PLAIN:
+        elif to_plain:
             self._start_plain_to_ws()
         while not self._both_finished.wait(self.linger):
-            if time.monotonic() - self._last[1 - index] >= self.linger:
+            other_at = self._to_ws_at if to_plain else self._to_plain_at
+            if time.monotonic() - other_at >= self.linger:
                 self._cut(f"no data for {self.linger:g} s after the other side finished",
                           reset=False)
                 return
