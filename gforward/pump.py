@@ -100,7 +100,6 @@ class Pump:
         try:
             self._direction(self._ws_to_plain, to_plain=True)
         finally:
-            self._plain_readable.close()
             if self._plain_to_ws_greenlet is not None:
                 self._plain_to_ws_greenlet.join()
             self._cut("", reset=False)
