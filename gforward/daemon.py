@@ -34,8 +34,10 @@ from .mapping import (
     parse_address_mapping,
     parse_remote_target,
 )
-from .pump import Pump
+from .pump import Pump, open_pump
 from .service import Binder, Connection, Service, serve_until_signalled
+from .tls import TLSChannel
+from .tunnel import Tunnel
 
 HANDSHAKE_TIMEOUT = 10.0  # a client must finish TLS and its upgrade request in this time
 DIAL_TIMEOUT = 10.0  # the upstream must accept within this time
@@ -88,44 +90,66 @@ class Daemon(Service):
         return bind
 
     def _serve_connection(self, client: socket.socket, address: Any) -> None:
-        """The life of one tunnel: upgrade, check, dial the upstream, pump."""
-        with Connection(self._connections, client) as connection:
-            dial.set_nodelay(client)
+        """The life of one tunnel: TLS, upgrade, check, dial the upstream, hand over to a pump."""
+        connection = Connection(self._connections, client)
+        dial.set_nodelay(client)
+        stream: dial.Stream = client
+        try:
+            with gevent.Timeout(HANDSHAKE_TIMEOUT, ForwardError("no upgrade request in time")):
+                if self._tls is not None:
+                    stream = TLSChannel(client, self._tls, server_side=True)
+                    try:
+                        stream.handshake()
+                    except (ForwardError, OSError) as exc:  # no TLS: no HTTP answer either
+                        self._log.info("client %s: TLS handshake failed: %s", address, exc)
+                        self._drop(connection, stream)
+                        return
+                server = handshake.ServerHandshake()
+                request = None
+                while request is None:
+                    request = server.receive(stream.recv(dial.RECV_SIZE))
+        except (ForwardError, OSError) as exc:
+            self._log.info("client %s: %s", address, exc)
+            self._drop(connection, stream, handshake.rejection(400, str(exc)))
+            return
+        status, detail, upstream = self._authorize(request)
+        if upstream is not None:
             try:
-                with gevent.Timeout(HANDSHAKE_TIMEOUT, ForwardError("no upgrade request in time")):
-                    if self._tls is not None:
-                        client = self._tls.wrap_socket(client, server_side=True)
-                        connection.add(client)
-                    server = handshake.ServerHandshake()
-                    request = None
-                    while request is None:
-                        request = server.receive(client.recv(dial.RECV_SIZE))
+                with gevent.Timeout(DIAL_TIMEOUT, ForwardError("timed out")):
+                    plain = dial.connect(upstream.remote_host, upstream.remote_port,
+                                         upstream.remote_unix_path, connection.add)
             except (ForwardError, OSError) as exc:
-                self._log.info("client %s: %s", address, exc)
-                _answer(client, handshake.rejection(400, str(exc)))
-                return
-            status, detail, upstream = self._authorize(request)
-            if upstream is not None:
-                try:
-                    with gevent.Timeout(DIAL_TIMEOUT, ForwardError("timed out")):
-                        plain = dial.connect(upstream.remote_host, upstream.remote_port,
-                                             upstream.remote_unix_path, connection.add)
-                except (ForwardError, OSError) as exc:
-                    status, detail = 502, f"cannot dial {upstream.remote_target()}: {exc}"
-            if status != 101:
-                self._log.info("refused %s: %d %s", address, status, detail)
-                _answer(client, handshake.rejection(status, detail))
-                return
-            try:
-                client.sendall(server.accept())
-            except OSError:
-                plain.close()
-                client.close()
-                return
-            pump = Pump(plain, client, client=False, trailing=request.trailing)
-            pump.run()
-            self._log.debug("tunnel to %s closed (%d bytes up, %d down): %s",
-                            detail, pump.received, pump.sent, pump.reason)
+                status, detail = 502, f"cannot dial {upstream.remote_target()}: {exc}"
+        if status != 101:
+            self._log.info("refused %s: %d %s", address, status, detail)
+            self._drop(connection, stream, handshake.rejection(status, detail))
+            return
+        try:
+            stream.sendall(server.accept())
+        except OSError:
+            plain.close()
+            self._drop(connection, stream)
+            return
+
+        def ended(pump: Pump) -> None:
+            connection.done()
+            self._log.log(logging.ERROR if pump.exception else logging.DEBUG,
+                          "tunnel to %s closed (%d bytes up, %d down): %s", detail,
+                          pump.tunnel.received, pump.tunnel.sent, pump.tunnel.outcome,
+                          exc_info=pump.exception)
+
+        pump = open_pump(plain, stream, Tunnel(client=False), ended)
+        connection.open(pump)
+        pump.start(request.trailing)
+
+    @staticmethod
+    def _drop(connection: Connection, stream: Any, answer: bytes = b"") -> None:
+        """End a connection that never became a tunnel, with a last answer if any."""
+        if answer:
+            with contextlib.suppress(OSError):  # the client may already be gone
+                stream.sendall(answer)
+        stream.close()
+        connection.done()
 
     def _authorize(
         self, request: handshake.UpgradeRequest
@@ -162,12 +186,6 @@ def _listen_address(text: str) -> AddressMapping:
     if mapping.listen_unix() or not mapping.listen_addr:
         raise SpecError(f"invalid listen address {text!r}: expected HOST:PORT (--unix for paths)")
     return mapping
-
-
-def _answer(sock: socket.socket, response: bytes) -> None:
-    """Send a refusal, best effort: the client may already be gone."""
-    with contextlib.suppress(OSError):
-        sock.sendall(response)
 
 
 def start(

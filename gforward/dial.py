@@ -8,82 +8,26 @@ One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 from __future__ import annotations
 
 import ipaddress
-import os
-from typing import Any, Callable
+import ssl
+from typing import Any, Callable, Union
 
 import gevent
-import gevent.monkey
-from gevent import socket, ssl
+from gevent import socket
 
 from .endpoint import Endpoint
 from .errors import ForwardError
 from .handshake import ClientHandshake
 from .proxy import ConnectHandshake, ProxyError
-
-# The standard library's class, even in a process that gevent has patched.
-_STDLIB_CONTEXT: Any = gevent.monkey.get_original("ssl", "SSLContext")
+from .tls import TLSChannel
 
 RECV_SIZE = 64 * 1024
 _NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 REFUSAL_BODY_WAIT = 1.0  # seconds to wait for the start of a refusal's body
+Stream = Union[socket.socket, TLSChannel]  # what the upgrade ran over, for the pump
 
 
 class DialError(ForwardError):
     """The daemon could not be reached, or did not answer in time."""
-
-
-def tls_context(ca_file: str | None = None, insecure: bool = False) -> ssl.SSLContext:
-    """A client context of gevent's kind (the stdlib's would block the hub).
-
-    It verifies the certificate and host name against the system's CAs (which
-    honour SSL_CERT_FILE and SSL_CERT_DIR), or against `ca_file` (a PEM file or
-    a hashed directory) alone, as curl's --cacert and requests' verify= do;
-    `insecure` turns every check off.  A missing or unreadable `ca_file`
-    raises OSError or ssl.SSLError here, once, rather than on every tunnel.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif ca_file:
-        if os.path.isdir(ca_file):
-            context.load_verify_locations(capath=ca_file)
-        else:
-            context.load_verify_locations(cafile=ca_file)
-    else:
-        context.load_default_certs()
-    return context
-
-
-def check_tls_context(context: object) -> None:
-    """Refuse a context whose sockets we could not make cooperative (ValueError).
-
-    gevent's own contexts (any context in a patched process) wrap into gevent
-    sockets.  A plain stdlib context wraps into a blocking ssl.SSLSocket, so
-    `_wrap_tls` builds gevent's SSLSocket around it instead, as gevent's own
-    wrap_socket does: the context's settings all live in its C part, which
-    both socket classes use alike.  A stdlib subclass that overrides
-    wrap_socket or sslsocket_class (truststore's, say) would be bypassed that
-    way, silently dropping what it adds, so it is refused instead.
-    """
-    if isinstance(context, ssl.SSLContext):
-        return
-    if not isinstance(context, _STDLIB_CONTEXT):
-        raise ValueError(f"ssl_context must be an ssl.SSLContext, not {type(context).__name__}")
-    kind = type(context)
-    if kind.wrap_socket is not _STDLIB_CONTEXT.wrap_socket \
-            or kind.sslsocket_class is not _STDLIB_CONTEXT.sslsocket_class:
-        raise ValueError(
-            f"ssl_context: {kind.__module__}.{kind.__qualname__} changes how sockets are "
-            "wrapped, which would block gevent's hub in a process gevent has not patched; "
-            "pass a plain ssl.SSLContext or a gevent.ssl.SSLContext")
-
-
-def _wrap_tls(sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> Any:
-    """TLS over `sock` as a gevent socket whatever kind `context` is (see check_tls_context)."""
-    if isinstance(context, ssl.SSLContext):
-        return context.wrap_socket(sock, server_hostname=server_hostname)
-    return ssl.SSLSocket(sock=sock, server_hostname=server_hostname, _context=context)
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -100,8 +44,9 @@ def open_websocket(
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
     proxy: ConnectHandshake | None = None,
-) -> tuple[socket.socket, bytes]:
-    """Connect and upgrade within `timeout` seconds; returns the socket and frames already read.
+) -> tuple[Stream, bytes]:
+    """Connect and upgrade within `timeout` seconds; returns the stream (a socket, or the
+    TLS channel over it) and the frames already read.
 
     With `proxy`, the connection is a CONNECT tunnel through it; TLS (with
     the daemon's name for SNI and verification) then runs inside the tunnel.
@@ -152,7 +97,7 @@ def _upgrade(
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
     proxy: ConnectHandshake | None,
-) -> tuple[socket.socket, bytes]:
+) -> tuple[Stream, bytes]:
     sock = _connect(endpoint, tls, track, proxy)
     sock.sendall(handshake.request)
     while not handshake.refused:
@@ -171,17 +116,17 @@ def _connect(
     tls: ssl.SSLContext | None,
     track: Callable[[socket.socket], None],
     proxy: ConnectHandshake | None,
-) -> socket.socket:
-    """A connected socket to the daemon, TLS already negotiated where asked."""
+) -> Stream:
+    """A connected stream to the daemon, TLS already negotiated where asked."""
     if proxy is None:
         sock = connect(endpoint.host, endpoint.port, endpoint.unix_path, track)
     else:
         sock = _tunnel(proxy, track)
     if tls is None:
         return sock
-    wrapped = _wrap_tls(sock, tls, endpoint.host)  # the daemon's name, never the proxy's
-    track(wrapped)
-    return wrapped
+    channel = TLSChannel(sock, tls, server_hostname=endpoint.host)  # never the proxy's name
+    channel.handshake()
+    return channel
 
 
 def _tunnel(exchange: ConnectHandshake, track: Callable[[socket.socket], None]) -> socket.socket:

@@ -12,21 +12,23 @@ import logging
 import os
 import socket as stdlib_socket
 import ssl as stdlib_ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gevent import socket, ssl
+from gevent import socket
 
-from . import dial, handshake
+from . import dial, handshake, tls
 from ._version import __version__
 from .endpoint import Endpoint, parse_base_url
 from .errors import ForwardError
 from .listen import ListeningSocket, listen_tcp, listen_unix
 from .mapping import AddressMapping, join_host_port, parse_address_mapping
 from .proxy import ConnectHandshake, Proxy, select_proxy
-from .pump import Pump
+from .pump import Pump, open_pump
 from .service import Binder, Connection, Service
+from .tunnel import Tunnel
 
 
 @dataclass
@@ -74,7 +76,7 @@ class _Settings:
     dial_timeout: float
     ping_interval: float
     ping_timeout: float
-    tls: ssl.SSLContext | None
+    tls: stdlib_ssl.SSLContext | None
     proxy: Proxy | None
 
     def redact(self, text: str) -> str:
@@ -95,9 +97,9 @@ class _Settings:
         return ConnectHandshake(self.proxy, self.endpoint.host, self.endpoint.port,
                                       self.user_agent)
 
-    def handshake(self, upstream: str) -> handshake.ClientHandshake:
-        """A fresh upgrade request (fresh Sec-WebSocket-Key) for one tunnel."""
-        return handshake.ClientHandshake(
+    def upgrade(self, upstream: str) -> handshake.Upgrade:
+        """The upgrade request of every tunnel to `upstream` (one listener's)."""
+        return handshake.Upgrade(
             host=self.endpoint.host_header,
             target=self.endpoint.request_target(self.vm_name),
             headers=handshake.upgrade_headers(
@@ -136,45 +138,57 @@ class Forwarder(Service):
                 bound = listen_tcp(mapping.listen_addr, mapping.listen_port)
             listener = Listener(mapping.raw_spec, bound.address, mapping.remote_target(),
                                 bound.port)
+            upgrade = self._settings.upgrade(listener.remote)
             self.listeners.append(listener)
             self._log.info("listening on %s -> vm %s %s", listener.local,
                            self._settings.vm_name, listener.remote)
 
             def handle(local: socket.socket, address: Any) -> None:
-                self._serve_connection(listener, local, address)
+                self._serve_connection(listener, upgrade, local, address)
 
             return bound, handle
 
         return bind
 
-    def _serve_connection(self, listener: Listener, local: socket.socket, address: Any) -> None:
-        """The life of one local connection: dial, upgrade, pump, then log the outcome."""
+    def _serve_connection(self, listener: Listener, upgrade: handshake.Upgrade,
+                          local: socket.socket, address: Any) -> None:
+        """The life of one local connection: dial, upgrade, hand over to a pump, which
+        logs the outcome when the tunnel is over."""
         settings = self._settings
-        with Connection(self._connections, local) as connection:
-            dial.set_nodelay(local)
-            try:
-                ws, trailing = dial.open_websocket(
-                    settings.endpoint,
-                    settings.handshake(listener.remote),
-                    timeout=settings.dial_timeout,
-                    tls=settings.tls,
-                    track=connection.add,
-                    proxy=settings.proxy_handshake(),
-                )
-            except (ForwardError, OSError) as exc:
-                if not connection.aborted:
-                    self._log.warning("tunnel %s failed: %s", _tunnel_name(listener, address),
-                                      settings.redact(str(exc)))
-                local.close()
-                return
-            self._log.debug("tunnel %s opened", _tunnel_name(listener, address))
-            pump = Pump(local, ws, client=True, trailing=trailing,
-                        ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout)
-            pump.run()
-            reason = "forwarder closed" if connection.aborted else pump.reason
-            level = logging.WARNING if pump.failed and not connection.aborted else logging.DEBUG
-            self._log.log(level, "tunnel %s closed (%d bytes up, %d down): %s",
-                          _tunnel_name(listener, address), pump.sent, pump.received, reason)
+        connection = Connection(self._connections, local)
+        dial.set_nodelay(local)
+        try:
+            stream, trailing = dial.open_websocket(
+                settings.endpoint,
+                upgrade.handshake(),
+                timeout=settings.dial_timeout,
+                tls=settings.tls,
+                track=connection.add,
+                proxy=settings.proxy_handshake(),
+            )
+        except (ForwardError, OSError) as exc:
+            if not connection.aborted:
+                self._log.warning("tunnel %s failed: %s", _tunnel_name(listener, address),
+                                  settings.redact(str(exc)))
+            local.close()
+            connection.done()
+            return
+        self._log.debug("tunnel %s opened", _tunnel_name(listener, address))
+        tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
+                        ping_timeout=settings.ping_timeout, now=time.monotonic())
+
+        def ended(pump: Pump) -> None:
+            connection.done()
+            failed = pump.tunnel.failed and not connection.aborted
+            self._log.log(logging.ERROR if pump.exception else
+                          logging.WARNING if failed else logging.DEBUG,
+                          "tunnel %s closed (%d bytes up, %d down): %s",
+                          _tunnel_name(listener, address), pump.tunnel.sent,
+                          pump.tunnel.received, pump.tunnel.outcome, exc_info=pump.exception)
+
+        pump = open_pump(local, stream, tunnel, ended)
+        connection.open(pump)
+        pump.start(trailing)
 
 
 def _tunnel_name(listener: Listener, address: Any) -> str:
@@ -228,14 +242,14 @@ def _check(options: Options) -> tuple[list[AddressMapping], _Settings]:
                            explicit=options.proxy, environ=os.environ),
     )
     try:
-        settings.handshake(mappings[0].remote_target())
+        settings.upgrade(mappings[0].remote_target())
     except Exception:  # h11 refuses CR, LF and the like; its message may hold the token
         raise ValueError("token, client_id or user_agent is not a valid HTTP header value"
                          ) from None
     return mappings, settings
 
 
-def _tls(options: Options, endpoint: Endpoint) -> ssl.SSLContext | None:
+def _tls(options: Options, endpoint: Endpoint) -> stdlib_ssl.SSLContext | None:
     """The one TLS context of every tunnel, from ssl_context, ca_file or insecure."""
     chosen = [name for name, value in (("ssl_context", options.ssl_context is not None),
                                        ("ca_file", bool(options.ca_file)),
@@ -246,9 +260,9 @@ def _tls(options: Options, endpoint: Endpoint) -> ssl.SSLContext | None:
     if not endpoint.tls:
         return None
     if options.ssl_context is not None:
-        dial.check_tls_context(options.ssl_context)
+        tls.check_context(options.ssl_context)
         return options.ssl_context
     try:
-        return dial.tls_context(ca_file=options.ca_file, insecure=options.insecure)
+        return tls.client_context(ca_file=options.ca_file, insecure=options.insecure)
     except OSError as exc:  # ssl.SSLError included: a file that holds no certificate
         raise ValueError(f"cannot load ca_file {options.ca_file!r}: {exc}") from exc

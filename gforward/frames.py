@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 from typing import Callable, NamedTuple, Union
 
 OP_CONTINUATION = 0x0
@@ -64,12 +63,6 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
-class Data(NamedTuple):
-    """A piece of a text or binary message's payload, in order."""
-
-    payload: Buffer
-
-
 class Ping(NamedTuple):
     payload: bytes
 
@@ -85,14 +78,15 @@ class Close(NamedTuple):
     reason: str
 
 
-Event = Union[Data, Ping, Pong, Close]
+Control = Union[Ping, Pong, Close]
 
 
 def frame_header(opcode: int, length: int, mask_key: bytes | None = None) -> bytes:
     """The header of one final frame, masked with `mask_key` when given."""
     mask_bit = 0x80 if mask_key is not None else 0
     if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, mask_bit | length)
+        short = _SHORT_HEADERS.get(mask_bit << 8 | opcode)
+        header = short[length] if short else struct.pack("!BB", 0x80 | opcode, mask_bit | length)
     elif length < 1 << 16:
         header = struct.pack("!BBH", 0x80 | opcode, mask_bit | 126, length)
     else:
@@ -100,6 +94,13 @@ def frame_header(opcode: int, length: int, mask_key: bytes | None = None) -> byt
     return header + mask_key if mask_key is not None else header
 
 
+# The two bytes that start every short final frame, by mask bit << 8 | opcode, then length:
+# small messages are the common case, and a lookup is a third of struct.pack's cost.
+_SHORT_HEADERS = {
+    mask_bit << 8 | opcode: [bytes((0x80 | opcode, mask_bit | n)) for n in range(126)]
+    for mask_bit in (0, 0x80)
+    for opcode in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+}
 _keys: list[bytes] = []
 
 
@@ -152,52 +153,83 @@ def parse_close_payload(payload: bytes) -> Close:
 
 
 class FrameReader:
-    """Incremental frame parser: feed it what the socket gave, get events back.
+    """Incremental frame parser: feed it what the socket gave, get payloads and control frames.
 
     `masked` says whether the peer must mask (a server reads masked client
-    frames; a client reads unmasked server frames).  Data events may hold a
-    view of the fed buffer: consume them before the next read into it.
+    frames; a client reads unmasked server frames).  Payload pieces may be
+    views of the fed buffer: consume them before the next read into it.
+    `received` counts the payload bytes handed out so far.
     """
+
+    __slots__ = ("_closed", "_control", "_expect_mask", "_in_message", "_key", "_mask_bit",
+                 "_offset", "_opcode", "_pending", "_remaining", "received")
 
     def __init__(self, *, masked: bool) -> None:
         self._expect_mask = masked
+        self._mask_bit = 0x80 if masked else 0
         self._pending = b""  # a header split across reads (at most 13 bytes)
         self._remaining = 0  # payload bytes still to come in the current frame
-        self._in_payload = False
-        self._opcode = 0
+        self._opcode = -1  # the current frame's, while its payload is read; -1 between frames
         self._key = b""
         self._offset = 0  # payload bytes already unmasked in the current frame
         self._control = bytearray()
         self._in_message = False  # a fragmented message awaits continuations
+        self._closed = False  # the peer's Close came: no data frame may follow
+        self.received = 0
 
-    def feed(self, data: Buffer) -> Iterator[Event]:
-        """Parse `data` and yield what it completes; raise ProtocolError on a bad frame."""
+    def feed(self, data: Buffer, payloads: list[Buffer]) -> list[Control]:
+        """Parse `data`: data frames' payload pieces go onto `payloads`, control frames
+        come back, each list in wire order.  Raises ProtocolError on a bad frame, after
+        putting on `payloads` what came before it.
+
+        Their relative order is dropped on purpose: a pump sends payloads one way and
+        answers control frames the other, and nothing may follow a Close.
+        """
+        controls: list[Control] = []
         view = memoryview(data)
         pos, end = 0, len(view)
+        simple = not (self._in_message or self._closed)
         while pos < end:
-            if self._in_payload:
-                take = min(self._remaining, end - pos)
-                chunk = view[pos : pos + take]
-                pos += take
-                self._remaining -= take
-                event = self._payload(chunk)
-                if event is not None:
-                    yield event
-                continue
-            head = self._pending + bytes(view[pos : pos + MAX_HEADER])
-            size = _header_size(head)
-            if size is None or len(head) < size:
-                self._pending = head
-                return
-            pos += size - len(self._pending)
-            self._pending = b""
-            self._begin(head[:size])
-            if self._remaining == 0:  # empty frames complete at once
-                event = self._payload(view[pos:pos])
-                if event is not None:
-                    yield event
+            if simple and self._opcode < 0 and not self._pending and end - pos > 1:
+                # Fast path: a whole final binary frame under 126 bytes, the usual small message.
+                b1 = view[pos + 1]
+                if view[pos] == 0x82 and (b1 & 0x80) == self._mask_bit and (b1 & 0x7F) < 126:
+                    length = b1 & 0x7F
+                    start = pos + (6 if self._mask_bit else 2)
+                    stop = start + length
+                    if stop <= end:
+                        if length:
+                            if self._mask_bit:
+                                key = bytes(view[pos + 2 : start])
+                                payloads.append(apply_mask(view[start:stop], key))
+                            else:
+                                payloads.append(view[start:stop])
+                            self.received += length
+                        pos = stop
+                        continue
+            if self._opcode < 0:  # a header comes first
+                if self._pending or end - pos < MAX_HEADER:  # it may be split across reads
+                    head: Buffer = self._pending + bytes(view[pos : pos + MAX_HEADER])
+                    size = _header_size(head)
+                    if size is None or len(head) < size:
+                        self._pending = bytes(head)
+                        break
+                    pos += size - len(self._pending)
+                    self._pending = b""
+                else:
+                    head = view[pos : pos + MAX_HEADER]
+                    size = _header_size(head)
+                    assert size is not None
+                    pos += size
+                self._begin(head)
+            take = min(self._remaining, end - pos)
+            self._remaining -= take
+            self._payload(view[pos : pos + take], payloads, controls)
+            pos += take
+            simple = not (self._in_message or self._closed)
+        return controls
 
-    def _begin(self, head: bytes) -> None:
+    def _begin(self, head: Buffer) -> None:
         """Check one frame header and set up to read its payload."""
         b0, b1 = head[0], head[1]
         opcode = b0 & 0x0F
@@ -230,37 +262,43 @@ class FrameReader:
             self._in_message = not fin
         else:
             raise ProtocolError(f"unknown opcode {opcode:#x}")
+        if self._closed and opcode < OP_CLOSE:
+            raise ProtocolError("data frame after a Close frame")
         self._opcode = opcode
-        self._key = head[pos : pos + 4] if self._expect_mask else b""
+        self._key = bytes(head[pos : pos + 4]) if self._expect_mask else b""
         self._offset = 0
         self._remaining = length
-        self._in_payload = True
 
-    def _payload(self, chunk: memoryview) -> Event | None:
+    def _payload(self, chunk: memoryview, payloads: list[Buffer], controls: list[Control]) -> None:
         """Unmask a piece of the current payload; finish the frame when it is whole."""
+        data: Buffer = chunk
         if self._key and chunk:
             shift = self._offset % 4
-            data: Buffer = apply_mask(chunk, self._key[shift:] + self._key[:shift])
+            data = apply_mask(chunk, self._key[shift:] + self._key[:shift])
             self._offset += len(chunk)
-        else:
-            data = chunk
+        opcode = self._opcode
         if self._remaining == 0:
-            self._in_payload = False
-        if self._opcode in _DATA_OPCODES:
-            return Data(data) if data else None
+            self._opcode = -1
+        if opcode < OP_CLOSE:  # a data frame
+            if data:
+                payloads.append(data)
+                self.received += len(data)
+            return
         self._control += data
-        if self._in_payload:
-            return None
+        if self._remaining:
+            return
         body = bytes(self._control)
         self._control.clear()
-        if self._opcode == OP_PING:
-            return Ping(body)
-        if self._opcode == OP_PONG:
-            return Pong(body)
-        return parse_close_payload(body)
+        if opcode == OP_PING:
+            controls.append(Ping(body))
+        elif opcode == OP_PONG:
+            controls.append(Pong(body))
+        else:
+            controls.append(parse_close_payload(body))
+            self._closed = True
 
 
-def _header_size(head: bytes) -> int | None:
+def _header_size(head: Buffer) -> int | None:
     """How long the frame header that starts `head` is, once two bytes are known."""
     if len(head) < 2:
         return None

@@ -7,6 +7,10 @@ hand it only the response head (up to the blank line): whatever follows a
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -78,18 +82,105 @@ class Accepted:
     trailing: bytes
 
 
-class ClientHandshake:
-    """The client side: `request` to send, then `receive` until it returns a verdict."""
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+_STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t -~]*)?")
+# A header line in a narrower grammar than h11's (RFC 9110 tokens, visible ASCII values).
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~](?:[\t -~]*[!-~])?)?[ \t]*")
+_FAST_MAX_HEAD = 8192
+_keys: list[bytes] = []
+
+
+def _new_key() -> bytes:
+    """A Sec-WebSocket-Key: 16 random bytes in base64 (RFC 6455, section 4.1), drawn from
+    os.urandom 256 at a time (list.pop is atomic, so threads may share them)."""
+    try:
+        return _keys.pop()
+    except IndexError:
+        block = os.urandom(16 * 256)
+        _keys.extend(base64.b64encode(block[i : i + 16]) for i in range(0, len(block), 16))
+        return _keys.pop()
+
+
+def accept_token(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept that answers `key` (RFC 6455, section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
+
+
+class Upgrade:
+    """One listener's upgrade request, built once by wsproto: each tunnel's request
+    differs only in its key, so it is spliced in rather than built again."""
 
     def __init__(self, *, host: str, target: str, headers: Headers) -> None:
-        self._h11 = H11Handshake(ConnectionType.CLIENT)
-        self.request = self._h11.send(
-            Request(
-                host=host,
-                target=target,
-                extra_headers=[(k.encode(), v.encode("latin-1")) for k, v in headers],
-            )
+        self._request = Request(
+            host=host,
+            target=target,
+            extra_headers=[(k.encode(), v.encode("latin-1")) for k, v in headers],
         )
+        h11 = H11Handshake(ConnectionType.CLIENT)
+        request = h11.send(self._request)
+        key = re.search(rb"\r\nSec-WebSocket-Key: ([A-Za-z0-9+/=]+)\r\n", request)
+        assert key is not None and request.count(key.group(1)) == 1
+        self._before, self._after = request.split(key.group(1))
+
+    def handshake(self) -> ClientHandshake:
+        """A fresh exchange, with a fresh key, for one tunnel."""
+        key = _new_key()
+        return ClientHandshake(self, key, self._before + key + self._after)
+
+    def wsproto(self, key: bytes) -> H11Handshake:
+        """wsproto's handshake in the state our request left it, our key included.
+
+        It judges every answer the fast check is not sure of.  wsproto draws its
+        own key and keeps it in `_nonce` (wsproto 1.x); the tests pin that.
+        """
+        h11 = H11Handshake(ConnectionType.CLIENT)
+        h11.send(self._request)
+        h11._nonce = key
+        return h11
+
+
+def fast_accept(head: bytes, expected: bytes) -> bool:
+    """True for a plain, valid 101 that wsproto would accept as well; False means
+    "ask wsproto", never "refused".
+
+    Only a narrow grammar passes (HTTP/1.1, no duplicate header, nothing that
+    h11 or wsproto would have more to say about), so this can only be stricter.
+    """
+    if len(head) > _FAST_MAX_HEAD:
+        return False
+    lines = head[:-4].split(b"\r\n")
+    if not _STATUS_101.fullmatch(lines[0]):
+        return False
+    fields: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            return False
+        name = match.group(1).lower()
+        if name in fields or name in _FAST_REFUSES:
+            return False
+        fields[name] = match.group(2) or b""
+    return (
+        fields.get(b"upgrade", b"").lower() == b"websocket"
+        and fields.get(b"sec-websocket-accept") == expected
+        and any(token.strip().lower() == b"upgrade"
+                for token in fields.get(b"connection", b"").split(b","))
+    )
+
+
+# Headers that make wsproto negotiate or h11 check framing: those answers go to wsproto.
+_FAST_REFUSES = frozenset((b"sec-websocket-extensions", b"sec-websocket-protocol",
+                           b"content-length", b"transfer-encoding"))
+
+
+class ClientHandshake:
+    """The client side of one upgrade: send `request`, then `receive` until a verdict."""
+
+    def __init__(self, upgrade: Upgrade, key: bytes, request: bytes) -> None:
+        self.request = request
+        self._upgrade = upgrade
+        self._key = key
+        self._h11: H11Handshake | None = None  # made only for answers the fast check leaves
         self._buffer = bytearray()
         self._status_line = ""
         self._body = bytearray()
@@ -112,7 +203,10 @@ class ClientHandshake:
                                      printable(bytes(self._buffer[:BODY_PREVIEW])))
             return None
         head, rest = split
+        if fast_accept(head, accept_token(self._key)):
+            return Accepted(rest)
         self._status_line = printable(head.split(b"\r\n", 1)[0])
+        self._h11 = self._upgrade.wsproto(self._key)
         try:
             self._h11.receive_data(head)
             events = list(self._h11.events())
@@ -133,6 +227,7 @@ class ClientHandshake:
 
     def _refusal_body(self, data: bytes) -> None:
         """Collect the start of a refusal's body, then raise with it."""
+        assert self._h11 is not None
         finished = not data
         if data:
             try:

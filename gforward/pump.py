@@ -1,310 +1,396 @@
-"""One tunnel: bytes between a plain socket and a WebSocket, both ways.
+"""The event-driven driver of one tunnel: the hub's watchers feed its Tunnel, and
+what the Tunnel queues is written without ever blocking.
 
-Theory of operation
--------------------
-The "plain" socket is the local connection (client role, in the forwarder)
-or the upstream inside the guest (server role, in the daemon).  Two
-greenlets move bytes, one per direction; the caller's greenlet runs
-WebSocket -> plain and a second one runs plain -> WebSocket.  Each blocks
-in `recv` or `sendall`, so a slow reader holds back its writer through TCP
-itself: a tunnel never holds more than one read per direction.
+No greenlet waits here: a socket is read only when the kernel says it is
+readable (so no recv ends in EAGAIN), in a callback the hub calls without a
+switch.  A send that does not take everything leaves the rest queued and
+waits for a write watcher; meanwhile the side that feeds that queue is not
+read (the Tunnel's flow control).  An idle tunnel is two read watchers and
+its state.  The rules themselves live in `tunnel.py`; this module only moves
+bytes and watchers.
 
-A blocked greenlet costs about 8 KiB, and tunnels often sit idle (pools of
-connections opened ahead of use), so the second greenlet is only spawned,
-by an io watcher's callback, once plain has something to say.
-
-Closing follows RFC 6455 section 7 with half-closes carried across:
-
-* plain EOF: send Close(1000) and stop reading plain; frames still arriving
-  go on to plain until the peer's Close (that is how a reply reaches a
-  client that half-closed).
-* peer Close: shut plain for writing at once, so its user sees EOF, and go
-  on sending what plain still says; our Close, the answer (API.md step 5),
-  follows plain's EOF.  Nothing plain sends is dropped on the floor: a peer
-  that hangs up after its Close cuts the tunnel, and plain sees a reset.
-  Both roles behave alike; the client role only masks its frames.
-* Once one direction is done, the other gets `linger` seconds of silence
-  before the tunnel is cut, so no tunnel outlives a peer that went quiet.
-* Anything abnormal (a socket error, the WebSocket lost without a Close, a
-  protocol error, a Close with an error code) ends both sides at once, the
-  plain one with a reset so that its user knows the stream was cut short.
+`TLSPump` is the same driver with the WebSocket side in TLS through
+`ssl.MemoryBIO`: what the kernel has is decrypted in as many records as it
+holds, and queued frames are encrypted in one go.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
 import struct
 import time
 from typing import Any, Callable
 
 import gevent
-from gevent import socket, ssl
-from gevent.event import Event
-from gevent.lock import Semaphore
 
-from . import frames
-from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Buffer
+from .frames import Buffer
+from .tls import TLSChannel
+from .tunnel import Tunnel, consume
 
-CHUNK = 256 * 1024
-LINGER = 5.0
-_CLEAN_CODES = (frames.CLOSE_NORMAL, frames.CLOSE_GOING_AWAY, 1005)
-
-
-class TunnelCut(Exception):
-    """Ends a tunnel abnormally; the message is the reason logged."""
+CHUNK = 256 * 1024  # bytes per read
+IOV_MAX = 1024  # Linux refuses a sendmsg with more buffers (EMSGSIZE)
+_READ, _WRITE = 1, 2
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_monotonic = time.monotonic
 
 
 class Pump:
-    """Moves one tunnel's bytes until both sides are done; see the module doc."""
+    """Moves one tunnel's bytes from the hub's callbacks until it is over, then closes
+    both sockets and calls `on_end(pump)` once."""
 
-    def __init__(
-        self,
-        plain: socket.socket,
-        ws: socket.socket,
-        *,
-        client: bool,
-        trailing: bytes = b"",
-        linger: float = LINGER,
-        ping_interval: float = 0.0,
-        ping_timeout: float = 0.0,
-    ) -> None:
-        self.plain = plain
-        self.ws = ws
-        self.client = client
-        self.linger = linger
-        self.ping_interval = ping_interval  # 0: no keepalive
-        self.ping_timeout = ping_timeout
-        self.sent = 0  # payload bytes plain -> WebSocket
-        self.received = 0  # payload bytes WebSocket -> plain
-        self.reason = ""  # why the tunnel ended; set once
-        self.failed = False
-        self._trailing = trailing
-        self._write_lock = Semaphore()
-        self._close_sent = False
-        self._close_received = False
-        self._finished = 0  # directions that ended well
-        self._both_finished = Event()  # ...or the tunnel was cut
-        # Last progress of each direction, for the linger and keepalive rules.
-        self._to_ws_at = self._to_plain_at = time.monotonic()
-        self._plain_readable: Any = None  # io watcher that starts plain -> WebSocket
-        self._plain_to_ws_greenlet: gevent.Greenlet | None = None
-        self._keepalive: Any = None  # timer watcher, while pings are on
-        self._ping_sent_at: float | None = None
+    __slots__ = ("_loop", "_on_end", "_plain", "_plain_on", "_plain_r", "_plain_shut",
+                 "_plain_w", "_timer", "_ws", "_ws_on", "_ws_r", "_ws_w", "exception",
+                 "tunnel")
 
-    def run(self) -> None:
-        """Pump both directions; returns once the tunnel is over and both sockets closed."""
-        self._plain_readable = gevent.get_hub().loop.io(self.plain.fileno(), 1)
-        self._plain_readable.start(self._start_plain_to_ws)
-        if self.ping_interval > 0:
-            self._schedule_keepalive(self.ping_interval)
+    def __init__(self, plain: socket.socket, ws: socket.socket, tunnel: Tunnel,
+                 on_end: Callable[[Pump], None]) -> None:
+        self.tunnel = tunnel
+        self.exception: BaseException | None = None  # a bug that ended the tunnel
+        self._plain = plain  # non-blocking sockets of the standard library's kind
+        self._ws = ws
+        self._on_end: Callable[[Pump], None] | None = on_end
+        self._loop: Any = None
+        self._plain_r: Any = None
+        self._ws_r: Any = None
+        self._plain_w: Any = None  # write watchers exist only while a send waits
+        self._ws_w: Any = None
+        self._timer: Any = None
+        self._plain_on = self._ws_on = False  # whether each read watcher runs
+        self._plain_shut = False
+
+    def start(self, trailing: bytes = b"") -> None:
+        """Begin, in the hub's thread; `trailing` holds frames read with the upgrade."""
+        self._loop = loop = gevent.get_hub().loop
+        self._plain_r = loop.io(self._plain.fileno(), _READ)
+        self._ws_r = loop.io(self._ws.fileno(), _READ)
+        delay = self.tunnel.timer(_monotonic(), held=False)
+        if delay is not None:
+            self._timer = loop.timer(delay - _monotonic())
+            self._timer.start(self._timer_fired)
+        if trailing:
+            self.tunnel.ws_data(trailing, _monotonic())
+        self._after()
+
+    def sockets(self) -> list[socket.socket]:
+        """The two sockets it drives (for a forked child to let go of)."""
+        return [self._plain, self._ws]
+
+    def abort(self, reason: str) -> None:
+        """End the tunnel now, from the hub's thread (the forwarder closes)."""
+        if self._on_end is not None:
+            self.tunnel.abort(reason)
+            self._finish()
+
+    # Callbacks, in the hub ----------------------------------------------------
+
+    def _plain_readable(self) -> None:
         try:
-            self._direction(self._ws_to_plain, to_plain=True)
-        finally:
-            if self._plain_to_ws_greenlet is not None:
-                self._plain_to_ws_greenlet.join()
-            self._cut("", reset=False)
-
-    def _start_plain_to_ws(self) -> None:
-        """The watcher's callback, in the hub: plain spoke (or closed), so give it a greenlet.
-
-        Also called once WebSocket -> plain is done: the tunnel's end then waits on
-        plain, and a greenlet blocked in recv is what a close() or the linger can end.
-        """
-        if self._plain_to_ws_greenlet is None:
-            self._plain_readable.close()  # done with: its memory counts, per idle tunnel
-            self._plain_to_ws_greenlet = gevent.spawn(self._direction, self._plain_to_ws,
-                                                      to_plain=False)
-
-    # Each direction --------------------------------------------------------
-
-    # A loop below never keeps its last read in a variable while it waits for the
-    # next: an idle tunnel would otherwise hold up to CHUNK bytes per direction.
-
-    def _plain_to_ws(self) -> None:
-        while self._forward(self.plain.recv(CHUNK)):
-            pass
-        try:
-            self._send_close(frames.CLOSE_NORMAL, "")
-        except OSError:
-            if not self._close_received:
-                raise
-            # The peer hung up right after its own Close, as some daemons do: nothing lost.
-
-    def _forward(self, data: bytes) -> bool:
-        """One read from plain goes out as one binary frame; False at plain's EOF."""
-        if not data:
-            return False
-        self._to_ws_at = time.monotonic()
-        if self._send(OP_BINARY, data):
-            self.sent += len(data)
-        return True
-
-    def _ws_to_plain(self) -> None:
-        reader = frames.FrameReader(masked=not self.client)
-        trailing, self._trailing = self._trailing, b""
-        if self._on_frames(reader, trailing):
+            data = self._plain.recv(CHUNK)
+            if data:
+                self.tunnel.plain_data(data)
+            else:
+                self.tunnel.plain_eof()
+        except BlockingIOError:
             return
-        del trailing
-        while not self._on_frames(reader, self._read_ws()):
-            pass
+        except OSError as exc:
+            self.tunnel.error(f"local side: {_describe(exc)}")
+        except Exception as exc:  # a bug: end this tunnel, not the hub
+            self._crash(exc)
+            return
+        self._after()
 
-    def _read_ws(self) -> bytes:
-        data: bytes = self.ws.recv(CHUNK)
-        if not data:
-            raise TunnelCut("WebSocket lost without a Close frame")
-        self._to_plain_at = time.monotonic()
-        return data
-
-    def _on_frames(self, reader: frames.FrameReader, data: Buffer) -> bool:
-        """Act on what one read holds; True once the peer's Close came.
-
-        A read may end one frame and start the next: one vectored send for both.
-        """
-        pieces: list[Buffer] = []
+    def _ws_readable(self) -> None:
         try:
-            for event in reader.feed(data):
-                if type(event) is frames.Data:
-                    pieces.append(event.payload)
-                elif isinstance(event, frames.Ping):
-                    self._send(OP_PONG, event.payload)
-                elif isinstance(event, frames.Close):
-                    self._deliver(pieces)
-                    self._on_close(event)
-                    return True
-        except frames.ProtocolError:
-            self._deliver(pieces)  # what came before the bad frame is good
-            raise
-        self._deliver(pieces)
+            data = self._ws.recv(CHUNK)
+            if data:
+                self.tunnel.ws_data(data, _monotonic())
+            else:
+                self.tunnel.ws_lost("WebSocket lost without a Close frame")
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
+        except Exception as exc:
+            self._crash(exc)
+            return
+        self._after()
+
+    def _plain_writable(self) -> None:
+        self._plain_w.close()
+        self._plain_w = None
+        self._guarded(self._flush_plain)
+
+    def _ws_writable(self) -> None:
+        self._ws_w.close()
+        self._ws_w = None
+        self._guarded(self._flush_ws)
+
+    def _timer_fired(self) -> None:
+        self._timer.close()
+        self._timer = None
+        tunnel = self.tunnel
+        try:
+            held = bool(tunnel.to_plain or tunnel.to_ws or self._ws_backlog())
+            deadline = tunnel.timer(_monotonic(), held=held)
+            if deadline is not None:
+                self._timer = self._loop.timer(max(deadline - _monotonic(), 0.0))
+                self._timer.start(self._timer_fired)
+        except Exception as exc:
+            self._crash(exc)
+            return
+        self._after()
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            self._crash(exc)
+            return
+        self._after()
+
+    # After every event --------------------------------------------------------
+
+    def _after(self) -> None:
+        """Write what the tunnel queued, then set the watchers to what it wants now."""
+        tunnel = self.tunnel
+        if tunnel.to_ws and self._ws_w is None:
+            self._flush_ws()
+        if tunnel.to_plain and self._plain_w is None:
+            self._flush_plain()
+        if tunnel.shut_plain and not (tunnel.to_plain or tunnel.outcome or self._plain_shut):
+            self._plain_shut = True
+            try:
+                self._plain.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                tunnel.error(f"local side: {_describe(exc)}")
+        if tunnel.outcome or (tunnel.finished and self._ws_w is None):
+            self._finish()
+            return
+        want = tunnel.reading_plain and not tunnel.to_ws and self._ws_w is None
+        if want != self._plain_on:
+            self._plain_on = want
+            if want:
+                self._plain_r.start(self._plain_readable)
+            else:
+                self._plain_r.stop()
+        want = tunnel.reading_ws
+        if want != self._ws_on:
+            self._ws_on = want
+            if want:
+                self._ws_r.start(self._ws_readable)
+            else:
+                self._ws_r.stop()
+
+    # Writing ----------------------------------------------------------------------
+
+    def _flush_plain(self) -> None:
+        out = self.tunnel.to_plain
+        try:
+            count = _send(self._plain, out)
+        except OSError as exc:
+            self.tunnel.error(f"local side: {_describe(exc)}")
+            return
+        if count >= 0:
+            consume(out, count)
+            self._plain_w = self._wait_writable(self._plain, self._plain_writable)
+
+    def _flush_ws(self) -> None:
+        tunnel = self.tunnel
+        try:
+            count = _send(self._ws, tunnel.to_ws)
+        except OSError as exc:
+            tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
+            return
+        if count < 0:
+            tunnel.ws_skip = 0
+        else:
+            tunnel.sent_to_ws(count)
+            self._ws_w = self._wait_writable(self._ws, self._ws_writable)
+
+    def _wait_writable(self, sock: socket.socket, callback: Callable[[], None]) -> Any:
+        watcher = self._loop.io(sock.fileno(), _WRITE)
+        watcher.start(callback)
+        return watcher
+
+    def _ws_backlog(self) -> bool:
+        """Bytes for the WebSocket held below the Tunnel's queue (TLS records)."""
         return False
 
-    def _deliver(self, pieces: list[Buffer]) -> None:
-        if pieces:
-            self.received += sum(map(len, pieces))
-            send_buffers(self.plain, pieces)
-            self._to_plain_at = time.monotonic()
+    # The end ------------------------------------------------------------------------
 
-    def _on_close(self, close: frames.Close) -> None:
-        """The peer is done sending: carry its half-close to plain."""
-        self._close_received = True
-        if close.code not in _CLEAN_CODES:
-            raise TunnelCut(f"peer closed with code {close.code} {close.reason!r}".rstrip())
-        self.plain.shutdown(socket.SHUT_WR)
+    def _crash(self, exc: Exception) -> None:
+        self.exception = exc
+        self.tunnel.error(f"internal error: {exc!r}")
+        self._finish()
 
-    # Keepalive -------------------------------------------------------------
-
-    def _schedule_keepalive(self, delay: float) -> None:
-        if self._keepalive is not None:
-            self._keepalive.close()
-        self._keepalive = gevent.get_hub().loop.timer(max(delay, 0.0))
-        self._keepalive.start(self._check_alive)
-
-    def _check_alive(self) -> None:
-        """Timer callback, in the hub: a peer silent for ping_interval gets a Ping; one
-        silent for ping_timeout more is taken for dead (load balancers drop idle flows
-        without a word), and the tunnel is cut, local client included."""
-        if self._close_sent or self._close_received:
-            return  # closing: the linger rules bound what is left
-        now = time.monotonic()
-        heard = self._to_plain_at  # any bytes from the peer prove it alive
-        if self._ping_sent_at is not None and heard < self._ping_sent_at:
-            if now - self._ping_sent_at >= self.ping_timeout:
-                self._cut(f"no answer to a ping within {self.ping_timeout:g} s")
-                return
-            self._schedule_keepalive(self._ping_sent_at + self.ping_timeout - now)
-        elif now - heard >= self.ping_interval:
-            self._ping_sent_at = now
-            gevent.spawn(self._ping)
-            self._schedule_keepalive(self.ping_timeout)
+    def _finish(self) -> None:
+        """Close everything once: last words best effort, plain reset if the tunnel was cut."""
+        on_end, self._on_end = self._on_end, None
+        if on_end is None:
+            return
+        for watcher in (self._plain_r, self._ws_r, self._plain_w, self._ws_w, self._timer):
+            if watcher is not None:
+                watcher.close()  # before the descriptors close and their numbers are reused
+        self._plain_r = self._ws_r = self._plain_w = self._ws_w = self._timer = None
+        tunnel = self.tunnel
+        if tunnel.outcome:  # cut or aborted: what can go out at once, goes
+            with contextlib.suppress(OSError):
+                if tunnel.to_plain:
+                    self._plain.sendmsg(tunnel.to_plain[:IOV_MAX])
+                self._last_words()
+            tunnel.to_plain.clear()
+            tunnel.to_ws.clear()
         else:
-            self._ping_sent_at = None
-            self._schedule_keepalive(heard + self.ping_interval - now)
-
-    def _ping(self) -> None:
-        with contextlib.suppress(OSError):  # the tunnel may end meanwhile
-            self._send(OP_PING, b"")
-
-    # Supervision -----------------------------------------------------------
-
-    def _direction(self, loop: Callable[[], None], *, to_plain: bool) -> None:
-        """Run one direction; when it ends well, give the other `linger` idle seconds."""
+            tunnel.outcome = "closed"
+            self._last_words()
+        if tunnel.failed:
+            with contextlib.suppress(OSError):
+                self._plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self._plain.close()
+        self._ws.close()
         try:
-            loop()
-        except frames.ProtocolError as exc:
-            # Best effort: the peer may be stuck too.
-            with gevent.Timeout(1.0, False), contextlib.suppress(OSError):
-                self._send_close(exc.code, exc.reason)
-            self._cut(f"protocol error: {exc.reason}")
+            on_end(self)
+        except Exception as exc:  # the hub would print it and go on; keep it for the log
+            self.exception = self.exception or exc
+
+    def _last_words(self) -> None:
+        """Best effort before the WebSocket closes: what is queued for it."""
+        with contextlib.suppress(OSError):
+            if self.tunnel.to_ws:
+                self._ws.sendmsg(self.tunnel.to_ws[:IOV_MAX])
+
+
+def _send(sock: socket.socket, out: list[Buffer]) -> int:
+    """Write from `out` without blocking: -1 once all of it went (`out` emptied), else how
+    many bytes off its front did, for the caller's bookkeeping.  Raises OSError."""
+    try:
+        while len(out) > IOV_MAX:
+            batch = out[:IOV_MAX]  # an even count: frame pairs stay whole
+            count = sock.sendmsg(batch)
+            if count < sum(map(len, batch)):
+                return count
+            del out[:IOV_MAX]
+        count = sock.sendmsg(out)
+    except BlockingIOError:
+        return 0
+    if count == sum(map(len, out)):
+        out.clear()
+        return -1
+    return count
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+class TLSPump(Pump):
+    """A Pump whose WebSocket runs in TLS over `ssl.MemoryBIO`s, as `dial` set it up."""
+
+    __slots__ = ("_cipher", "_incoming", "_outgoing", "_tls")
+
+    def __init__(self, plain: socket.socket, ws: socket.socket, tunnel: Tunnel,
+                 on_end: Callable[[Pump], None], tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        super().__init__(plain, ws, tunnel, on_end)
+        self._tls = tls
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._cipher: Buffer = b""  # encrypted bytes the socket has not taken yet
+
+    def start(self, trailing: bytes = b"") -> None:
+        super().start(trailing)
+        if self._on_end is not None and self._incoming.pending:  # records read with the 101
+            self._ws_readable(read_socket=False)
+
+    def _ws_readable(self, read_socket: bool = True) -> None:
+        tunnel = self.tunnel
+        try:
+            if read_socket:
+                data = self._ws.recv(CHUNK)
+                if not data:
+                    tunnel.ws_lost("WebSocket lost without a Close frame",
+                                   backlog=bool(self._cipher))
+                    self._after()
+                    return
+                self._incoming.write(data)
+            now = _monotonic()
+            while not tunnel.outcome:
+                try:
+                    data = self._tls.read(CHUNK)
+                except ssl.SSLWantReadError:
+                    break
+                if not data:  # close_notify: the TLS stream's end
+                    tunnel.ws_lost("WebSocket lost without a Close frame",
+                                   backlog=bool(self._cipher))
+                    break
+                tunnel.ws_data(data, now)
+            if self._outgoing.pending:  # TLS may answer while reading (a key update)
+                self._cipher = bytes(self._cipher) + self._outgoing.read()
+        except BlockingIOError:
             return
-        except (TunnelCut, OSError) as exc:
-            self._cut(str(exc))
+        except OSError as exc:  # ssl.SSLError included
+            tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
+        except Exception as exc:
+            self._crash(exc)
             return
-        self._finished += 1
-        if self._finished == 2:
-            self._both_finished.set()
-        elif to_plain:
-            self._start_plain_to_ws()
-        while not self._both_finished.wait(self.linger):
-            other_at = self._to_ws_at if to_plain else self._to_plain_at
-            if time.monotonic() - other_at >= self.linger:
-                self._cut(f"no data for {self.linger:g} s after the other side finished",
-                          reset=False)
-                return
+        self._after()
 
-    def _cut(self, reason: str, *, reset: bool = True) -> None:
-        """End the tunnel now (idempotent); the first reason given is the one kept."""
-        if not self.reason:
-            clean = self._close_sent and self._close_received
-            self.reason = reason if reason and not clean else "closed"
-            self.failed = reset and not clean
-        if self.failed:
-            _reset(self.plain)
-        if self._keepalive is not None:
-            self._keepalive.close()
-        if self._plain_readable is not None:
-            self._plain_readable.close()  # before its fd is closed, and maybe reused
-        self.plain.close()
-        self.ws.close()
-        self._both_finished.set()  # nothing left to linger for
-
-    # Writing frames --------------------------------------------------------
-
-    def _send_close(self, code: int, reason: str) -> None:
-        self._send(OP_CLOSE, frames.close_payload(code, reason))
-
-    def _send(self, opcode: int, payload: Buffer) -> bool:
-        """Write one frame, serialised: a pong must not land inside a data frame.
-
-        Returns False, sending nothing, once our Close is out: the peer takes no more.
-        """
-        header, body = frames.frame_parts(opcode, payload, mask=self.client)
-        with self._write_lock:
-            if self._close_sent:
-                return False
-            self._close_sent = opcode == OP_CLOSE
-            send_buffers(self.ws, [header, body])
-        return True
-
-
-def send_buffers(sock: socket.socket, buffers: list[Buffer]) -> None:
-    """sendall() of several buffers without joining them: sendmsg, then what is left.
-    Consumes `buffers`.
-
-    Also spares gevent's sendall, which asks the kernel for SO_SNDBUF on every call.
-    """
-    if isinstance(sock, ssl.SSLSocket):  # TLS sockets have no sendmsg
-        sock.sendall(b"".join(buffers))
-        return
-    while True:
-        sent = sock.sendmsg(buffers)
-        while buffers and sent >= len(buffers[0]):
-            sent -= len(buffers[0])
-            del buffers[0]
-        if not buffers:
+    def _flush_ws(self) -> None:
+        tunnel = self.tunnel
+        if not self._cipher and tunnel.to_ws:
+            self._encrypt(tunnel.to_ws)
+            tunnel.to_ws.clear()
+            tunnel.ws_skip = 0
+        try:
+            sent = self._ws.send(self._cipher)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
             return
-        buffers[0] = memoryview(buffers[0])[sent:]
+        self._cipher = memoryview(self._cipher)[sent:] if sent < len(self._cipher) else b""
+        if self._cipher or tunnel.to_ws:
+            self._ws_w = self._wait_writable(self._ws, self._ws_writable)
+
+    def _encrypt(self, buffers: list[Buffer]) -> None:
+        """Whole frames into TLS records: small ones joined, so one record holds many."""
+        if sum(map(len, buffers)) <= 16384:
+            self._tls.write(b"".join(buffers))
+        else:
+            for buf in buffers:
+                if buf:
+                    self._tls.write(buf)
+        self._cipher = self._outgoing.read()
+
+    def _ws_backlog(self) -> bool:
+        return bool(self._cipher)
+
+    def _last_words(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._cipher:
+                self._ws.send(self._cipher)
+            if self.tunnel.to_ws:
+                self._encrypt(self.tunnel.to_ws)
+            if not self.tunnel.failed:
+                with contextlib.suppress(ssl.SSLError):
+                    self._tls.unwrap()  # close_notify, for proxies that log its absence
+                self._cipher = bytes(self._cipher) + self._outgoing.read()
+            self._ws.send(self._cipher)
 
 
-def _reset(sock: socket.socket) -> None:
-    """Make the coming close() send RST: the plain side's user must see a cut, not an end."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+def open_pump(plain: Any, stream: Any, tunnel: Tunnel, on_end: Callable[[Pump], None]) -> Pump:
+    """The pump for a plain socket and the stream the upgrade ran over (a socket, or a
+    `tls.TLSChannel`), both of gevent's kind: it drives their standard sockets beneath
+    (gevent keeps them non-blocking), and gevent's wrappers, with their idle watchers,
+    can go."""
+    if isinstance(stream, TLSChannel):
+        return TLSPump(_raw(plain), _raw(stream.sock), tunnel, on_end, stream.tls,
+                       stream.incoming, stream.outgoing)
+    return Pump(_raw(plain), _raw(stream), tunnel, on_end)
+
+
+def _raw(sock: Any) -> socket.socket:
+    raw: socket.socket = getattr(sock, "_sock", sock)  # gevent's socket wraps it as `_sock`
+    return raw

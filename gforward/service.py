@@ -51,6 +51,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from .listen import ListeningSocket
+from .pump import Pump
 
 Handler = Callable[[socket.socket, Any], None]
 Binder = Callable[[], "tuple[ListeningSocket, Handler]"]  # binds one listener, or raises
@@ -97,10 +98,14 @@ class _AcceptFailed(gevent.GreenletExit):  # type: ignore[misc]
 
 
 class _Server(StreamServer):  # type: ignore[misc]  # gevent ships no type hints
-    """gevent's StreamServer, with failed accepts (EMFILE: out of descriptors) logged."""
+    """gevent's StreamServer, with failed accepts (EMFILE: out of descriptors) logged, and
+    the accepted socket left to its handler, which may hand it to a pump that outlives it."""
 
     log: logging.Logger
     _failing = False
+
+    def do_close(self, *args: Any) -> None:
+        pass
 
     def do_read(self) -> Any:
         try:
@@ -120,31 +125,40 @@ class _Server(StreamServer):  # type: ignore[misc]  # gevent ships no type hints
 
 
 class Connection:
-    """The sockets of one accepted connection, so that close() can end it; registered
-    with its service for the length of a `with` block (a class, not a generator-based
-    context manager: a few hundred bytes less per idle tunnel)."""
+    """One accepted connection, registered with its service until it is over, so that
+    close() can end it at any stage: its sockets while it dials, its pump once open."""
 
-    def __init__(self, registry: set[Connection], *sockets: socket.socket) -> None:
+    __slots__ = ("_registry", "aborted", "pump", "sockets")
+
+    def __init__(self, registry: set[Connection], *sockets: Any) -> None:
         self._registry = registry
         self.sockets = list(sockets)
+        self.pump: Pump | None = None
         self.aborted = False
+        registry.add(self)
 
-    def __enter__(self) -> Connection:
-        self._registry.add(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._registry.discard(self)
-
-    def add(self, sock: socket.socket) -> None:
+    def add(self, sock: Any) -> None:
+        """One more socket of this connection (while it dials)."""
         self.sockets.append(sock)
         if self.aborted:
             sock.close()
 
+    def open(self, pump: Pump) -> None:
+        """The tunnel is open: from now on its pump owns the sockets."""
+        self.pump = pump
+        self.sockets = pump.sockets()
+
     def abort(self) -> None:
         self.aborted = True
-        for sock in self.sockets:
-            sock.close()
+        if self.pump is not None:
+            self.pump.abort("closed with its listener")
+        else:
+            for sock in self.sockets:
+                sock.close()
+
+    def done(self) -> None:
+        """Over: nothing of it is left to close."""
+        self._registry.discard(self)
 
 
 class _HubThread:
@@ -254,10 +268,26 @@ class Service:
             raise
         for listening, handler in bound:
             self._listening.append(listening)
-            server = _Server(listening.sock, handler, spawn=self._pool)
+            server = _Server(listening.sock, self._guarded(handler), spawn=self._pool)
             server.log = self._log
             self._servers.append(server)
             server.start()
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """The handler, run only while the service is open, and never leaving the accepted
+        socket open behind an exception (the server leaves closing it to the handler)."""
+
+        def handle(sock: socket.socket, address: Any) -> None:
+            if self._closing:  # accepted just before the close: nobody would end it
+                sock.close()
+                return
+            try:
+                handler(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+
+        return handle
 
     # Closing --------------------------------------------------------------
 

@@ -303,16 +303,24 @@ def test_tls_options_checked_before_anything_is_bound(fields: dict[str, Any], pr
     assert not os.path.exists(local)
 
 
-def test_stdlib_context_that_wraps_its_own_way_is_refused() -> None:
-    """A subclass that overrides wrap_socket (as truststore's does) cannot be made cooperative
-    without bypassing what it adds; it is refused rather than silently weakened."""
+def test_a_context_subclass_is_used_as_given(ca: trustme.CA, tmp_path: Path,
+                                             echo_server: str) -> None:
+    """A subclass of the standard library's context (truststore's, say) is honoured:
+    tunnels take their TLS objects from its own wrap_bio, which never blocks a hub."""
+    made: list[str | None] = []
 
     class Custom(ssl.SSLContext):
-        def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-            raise AssertionError("never called")
+        def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+            made.append(kwargs.get("server_hostname"))
+            return super().wrap_bio(*args, **kwargs)
 
-    with pytest.raises(ValueError, match="changes how sockets are wrapped"):
-        forward("https://127.0.0.1:1", ssl_context=Custom(ssl.PROTOCOL_TLS_CLIENT))
+    context = Custom(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
+    with tls_daemon(ca, tmp_path, "localhost") as daemon:
+        url = daemon.url.replace("127.0.0.1", "localhost")
+        with forward(url, echo_server, ssl_context=context) as fwd:
+            assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
+    assert made == ["localhost"]
 
 
 # Proxies ---------------------------------------------------------------------------

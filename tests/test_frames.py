@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 import tracemalloc
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,6 @@ from gforward.frames import (
     OP_PONG,
     OP_TEXT,
     Close,
-    Data,
     FrameReader,
     Ping,
     Pong,
@@ -69,21 +69,32 @@ def wsproto_frames(data: bytes, *, client: bool) -> list[tuple[Opcode, object]]:
     return result
 
 
-def read(reader: FrameReader, chunks) -> list:
-    """Feed `chunks` in order; Data payloads copied at once, adjacent ones joined."""
-    events: list = []
+class Data(NamedTuple):
+    """A run of payload, in expected event lists."""
+
+    payload: bytes
+
+
+def canonical(events: list) -> tuple[bytes, list]:
+    """What a reader reports of `events`: all payload in order, and the control frames in
+    order (their order against the payload is not reported: a pump does not need it)."""
+    data = b"".join(e.payload for e in events if isinstance(e, Data))
+    return data, [e for e in events if not isinstance(e, Data)]
+
+
+def read(reader: FrameReader, chunks) -> tuple[bytes, list]:
+    """Feed `chunks` in order, copying each payload piece at once, as a pump would send it."""
+    data = bytearray()
+    controls: list = []
     for chunk in chunks:
-        for event in reader.feed(chunk):
-            if isinstance(event, Data):
-                piece = bytes(event.payload)
-                assert piece, "empty Data event"
-                if events and isinstance(events[-1], Data):
-                    events[-1] = Data(events[-1].payload + piece)
-                else:
-                    events.append(Data(piece))
-            else:
-                events.append(event)
-    return events
+        payloads: list = []
+        try:
+            controls += reader.feed(chunk, payloads)
+        finally:
+            for piece in payloads:
+                assert len(piece), "empty payload piece"
+                data += piece
+    return bytes(data), controls
 
 
 def one_byte_at_a_time(data: bytes) -> list[bytes]:
@@ -182,7 +193,7 @@ def test_masked_frames_use_a_fresh_key_each_time() -> None:
     assert first != second
     assert first[2:6] != second[2:6]  # the masking keys
     reader = FrameReader(masked=True)
-    assert read(reader, [first, second]) == [Data(payload * 2)]
+    assert read(reader, [first, second]) == canonical([Data(payload * 2)])
 
 
 # --- wsproto's encoder, our reader -------------------------------------------
@@ -212,7 +223,7 @@ def expected_events(opcode: int, payload: bytes) -> list:
 def test_wsproto_frame_parses_in_reader(client: bool, opcode: int, size: int) -> None:
     payload = payload_for(opcode, size, seed=1)
     wire = wsproto_wire(opcode, payload, client=client)
-    assert read(FrameReader(masked=client), [wire]) == expected_events(opcode, payload)
+    assert read(FrameReader(masked=client), [wire]) == canonical(expected_events(opcode, payload))
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
@@ -224,7 +235,7 @@ def test_wsproto_frame_parses_one_byte_at_a_time(client: bool, opcode: int, size
     payload = payload_for(opcode, size, seed=2)
     wire = wsproto_wire(opcode, payload, client=client)
     events = read(FrameReader(masked=client), one_byte_at_a_time(wire))
-    assert events == expected_events(opcode, payload)
+    assert events == canonical(expected_events(opcode, payload))
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
@@ -234,14 +245,14 @@ def test_wsproto_frame_parses_one_byte_at_a_time(client: bool, opcode: int, size
 def test_wsproto_close_parses_in_reader(client: bool, code: int, reason: str) -> None:
     wire = bytes(FrameProtocol(client=client, extensions=[]).close(code, reason))
     expected = [Close(code, reason)]
-    assert read(FrameReader(masked=client), [wire]) == expected
-    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == expected
+    assert read(FrameReader(masked=client), [wire]) == canonical(expected)
+    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == canonical(expected)
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
 def test_wsproto_close_without_code_parses_as_1005(client: bool) -> None:
     wire = bytes(FrameProtocol(client=client, extensions=[]).close())
-    assert read(FrameReader(masked=client), [wire]) == [Close(1005, "")]
+    assert read(FrameReader(masked=client), [wire]) == canonical([Close(1005, "")])
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
@@ -268,8 +279,8 @@ def test_several_frames_in_one_chunk(client: bool) -> None:
         Data(b"world"),
         Close(1000, "done"),
     ]
-    assert read(FrameReader(masked=client), [wire]) == expected
-    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == expected
+    assert read(FrameReader(masked=client), [wire]) == canonical(expected)
+    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == canonical(expected)
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
@@ -295,9 +306,9 @@ def test_fragmented_message_with_interleaved_control_frames(client: bool) -> Non
         Data(b"threenext"),
     ]
     wire = b"".join(bytes(p) for p in parts)
-    assert read(FrameReader(masked=client), [bytes(p) for p in parts]) == expected
-    assert read(FrameReader(masked=client), [wire]) == expected
-    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == expected
+    assert read(FrameReader(masked=client), [bytes(p) for p in parts]) == canonical(expected)
+    assert read(FrameReader(masked=client), [wire]) == canonical(expected)
+    assert read(FrameReader(masked=client), one_byte_at_a_time(wire)) == canonical(expected)
 
 
 @pytest.mark.parametrize("client", [True, False], ids=["from-client", "from-server"])
@@ -305,16 +316,18 @@ def test_fragmented_text_message_in_order(client: bool) -> None:
     proto = FrameProtocol(client=client, extensions=[])
     words = [f"part {i};" for i in range(50)]
     wire = b"".join(bytes(proto.send_data(w, fin=i == len(words) - 1)) for i, w in enumerate(words))
-    assert read(FrameReader(masked=client), [wire]) == [Data("".join(words).encode())]
+    assert read(FrameReader(masked=client), [wire]) == canonical([Data("".join(words).encode())])
 
 
 def test_data_from_unmasked_frames_is_not_a_copy() -> None:
     """What the docstring promises: a server's payload is a view of the fed buffer."""
     buffer = bytearray(encode_frame(OP_BINARY, b"abcdef", mask=False))
-    [event] = FrameReader(masked=False).feed(buffer)
-    assert bytes(event.payload) == b"abcdef"
+    payloads: list = []
+    assert FrameReader(masked=False).feed(buffer, payloads) == []
+    [piece] = payloads
+    assert bytes(piece) == b"abcdef"
     buffer[-1:] = b"Z"
-    assert bytes(event.payload) == b"abcdeZ"
+    assert bytes(piece) == b"abcdeZ"
 
 
 # hypothesis: random message sequences cut at random places
@@ -383,7 +396,7 @@ def test_wsproto_stream_in_random_chunks(client, sends, close, data) -> None:
     )
     edges = [0, *cuts, len(wire)]
     chunks = [bytes(wire[a:b]) for a, b in zip(edges, edges[1:])]
-    assert read(FrameReader(masked=client), chunks) == expected
+    assert read(FrameReader(masked=client), chunks) == canonical(expected)
 
 
 # --- streaming --------------------------------------------------------------
@@ -402,17 +415,19 @@ def test_huge_frame_streams_without_buffering(masked: bool) -> None:
 
     tracemalloc.start()
     try:
-        assert list(reader.feed(header)) == []
+        payloads: list = []
+        assert reader.feed(header, payloads) == []
+        assert payloads == []
         seen = 0
         for i, piece in enumerate(pieces):
-            events = list(reader.feed(piece))
+            assert reader.feed(piece, payloads) == []
             # Each read gives its bytes back at once, and nothing more.
-            assert len(events) == 1
-            assert isinstance(events[0], Data)
-            assert len(events[0].payload) == piece_size
-            assert events[0].payload == plain[i * piece_size : (i + 1) * piece_size]
-            seen += len(events[0].payload)
-            del events
+            [got] = payloads
+            assert len(got) == piece_size
+            assert got == plain[i * piece_size : (i + 1) * piece_size]
+            seen += len(got)
+            payloads.clear()
+            del got
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -430,7 +445,7 @@ def test_huge_frame_with_odd_pieces_unmasks_across_reads() -> None:
         step = rng.randint(1, 4099)
         chunks.append(stream[pos : pos + step])
         pos += step
-    assert read(FrameReader(masked=True), chunks) == [Data(plain)]
+    assert read(FrameReader(masked=True), chunks) == canonical([Data(plain)])
 
 
 # --- protocol errors --------------------------------------------------------
@@ -550,7 +565,7 @@ def test_valid_close_codes(code: int) -> None:
     body = close_payload(code, "fine")
     assert parse_close_payload(body) == Close(code, "fine")
     wire = encode_frame(OP_CLOSE, body, mask=True)
-    assert read(FrameReader(masked=True), [wire]) == [Close(code, "fine")]
+    assert read(FrameReader(masked=True), [wire]) == canonical([Close(code, "fine")])
 
 
 def test_empty_close_payload_is_1005() -> None:
@@ -580,11 +595,10 @@ def test_close_code_validity_agrees_with_wsproto() -> None:
 
 def test_events_before_an_error_are_still_delivered() -> None:
     wire = encode_frame(OP_BINARY, b"good", mask=False) + raw_frame(0x83, b"bad", masked=False)
-    got = []
+    got: list = []
     with pytest.raises(ProtocolError):
-        for event in FrameReader(masked=False).feed(wire):
-            got.append(bytes(event.payload))
-    assert got == [b"good"]
+        FrameReader(masked=False).feed(wire, got)
+    assert [bytes(piece) for piece in got] == [b"good"]
 
 
 # --- masking ----------------------------------------------------------------
@@ -626,7 +640,7 @@ def test_pure_python_fallback_end_to_end(monkeypatch: pytest.MonkeyPatch) -> Non
     rng = random.Random(10)
     cuts = sorted(rng.sample(range(1, len(theirs)), 50))
     chunks = [theirs[a:b] for a, b in zip([0, *cuts], [*cuts, len(theirs)])]
-    assert read(FrameReader(masked=True), chunks) == [Data(payload)]
+    assert read(FrameReader(masked=True), chunks) == canonical([Data(payload)])
 
 
 def test_fast_mask_is_active_when_websockets_is_installed() -> None:

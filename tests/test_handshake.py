@@ -11,7 +11,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from gforward.errors import ForwardError
-from gforward.frames import OP_BINARY, Data, FrameReader, encode_frame
+from gforward.frames import OP_BINARY, FrameReader, encode_frame
 from gforward.handshake import (
     BODY_PREVIEW,
     MAX_HEAD,
@@ -19,6 +19,7 @@ from gforward.handshake import (
     ClientHandshake,
     HandshakeError,
     ServerHandshake,
+    Upgrade,
     UpgradeRequest,
     rejection,
     upgrade_headers,
@@ -29,13 +30,13 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def make_client(token: str = "tok", host: str = "slicer.example:8080") -> ClientHandshake:
-    return ClientHandshake(
+    return Upgrade(
         host=host,
         target=TARGET,
         headers=upgrade_headers(
             token=token, client_id="me", upstream="127.0.0.1:80", user_agent="gforward/x"
         ),
-    )
+    ).handshake()
 
 
 def parse_request(data: bytes) -> tuple[h11.Request, list[tuple[str, str]]]:
@@ -126,7 +127,7 @@ def test_each_request_has_its_own_key() -> None:
 
 def test_unix_socket_host() -> None:
     _, headers = parse_request(
-        ClientHandshake(host="localhost", target="/vm/a/forward", headers=[]).request
+        Upgrade(host="localhost", target="/vm/a/forward", headers=[]).handshake().request
     )
     assert dict(headers)["host"] == "localhost"
 
@@ -163,8 +164,9 @@ def test_frames_after_the_101_come_back_as_trailing() -> None:
     )
     result = client.receive(accept_for(client.request) + frames)
     assert result == Accepted(frames)
-    events = list(FrameReader(masked=False).feed(result.trailing))
-    assert [bytes(e.payload) for e in events if isinstance(e, Data)] == [b"early", b"bytes"]
+    payloads: list = []
+    assert FrameReader(masked=False).feed(result.trailing, payloads) == []
+    assert [bytes(piece) for piece in payloads] == [b"early", b"bytes"]
 
 
 def test_answer_one_byte_at_a_time() -> None:

@@ -62,7 +62,7 @@ from tests.support import (
     warnings_of,
 )
 
-LINGER = 5.0  # gforward's pump linger: a prompt EOF comes well before it
+PROMPT = 2.5  # seconds within which a guest's end reaches the client
 TOKEN = "s3cret-Token-9f8e7d"
 
 
@@ -614,13 +614,13 @@ def test_guest_closes_first_local_sees_eof_promptly(daemon: gforward.daemon.Daem
         sock.sendall(b"SSH-2.0-guest\r\n")
 
     with Guest(banner_then_close) as guest, forward(daemon.url, guest.target) as fwd, connect(
-        fwd, timeout=LINGER / 2  # EOF must come well before the linger
+        fwd, timeout=PROMPT
     ) as sock:
         assert read_to_eof(sock) == b"SSH-2.0-guest\r\n"
 
 
 def test_gevent_websocket_closes_first_local_sees_eof_promptly(gws_url: str) -> None:
-    with forward(gws_url, vm_name="bye") as fwd, connect(fwd, timeout=LINGER / 2) as sock:
+    with forward(gws_url, vm_name="bye") as fwd, connect(fwd, timeout=PROMPT) as sock:
         assert read_to_eof(sock) == b"bye"
 
 

@@ -1,0 +1,234 @@
+"""One tunnel's rules, without sockets: what goes where, when it ends, and how.
+
+Theory of operation
+-------------------
+A tunnel joins a "plain" byte stream (the local connection in the forwarder,
+the upstream inside the guest in the daemon) to a WebSocket.  Its driver
+(`pump.Pump`) reads whatever a socket has and tells the tunnel
+(`plain_data`, `plain_eof`, `ws_data`, `ws_eof`, `timer`); the tunnel puts
+what must be written on two queues, `to_ws` and `to_plain`, and the driver
+takes bytes off their fronts as the sockets accept them.  Everything else the
+driver needs is an attribute: whether to read each side, whether to shut
+plain for writing, whether the tunnel is over and how.
+
+The rules (RFC 6455 section 7, with TCP half-closes carried across):
+
+* Flow control: the driver reads a side only while the queue towards the
+  other side is empty, so a tunnel holds at most one read per direction and a
+  slow reader holds its writer back through TCP itself.
+* Plain EOF sends Close(1000) after what was read before it, and frames from
+  the peer still go to plain until the peer's Close: that is how a reply
+  reaches a client that half-closed.  No timer cuts that wait; keepalive
+  still finds a dead peer.
+* The peer's Close shuts plain for writing once plain has every byte that
+  came before it.  The roles differ in what follows.  A client takes the
+  daemon's Close as the end: it answers at once (after the frames already
+  queued), reads plain no more, and the tunnel is over; the kernel resets a
+  connection closed with unread bytes, so nothing is lost silently.  A
+  server (the daemon) takes a client's Close as a half-close: plain may
+  still answer, and the server's own Close follows plain's EOF.
+* Control frames never wait behind a data frame that has not started: a Ping
+  or Pong goes into `to_ws` right after the frame being written.
+* Keepalive judges the peer only: silence for `ping_interval` sends a Ping,
+  and `ping_timeout` more without a byte cuts the tunnel, but a tunnel held
+  back by flow control (either side reading slowly, however long) is alive.
+* Anything abnormal (the WebSocket lost without a Close, a protocol error, a
+  Close with an error code, a socket error, a silent peer) ends the tunnel at
+  once and `failed`: the driver resets plain so that its user sees a cut.
+
+Every frame in `to_ws` is two buffers, header and payload, so that a
+vectored send needs no copy and a frame boundary is easy to find.
+"""
+
+from __future__ import annotations
+
+from . import frames
+from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Buffer, ProtocolError
+
+CLEAN_CLOSE_CODES = (frames.CLOSE_NORMAL, frames.CLOSE_GOING_AWAY, 1005)
+MAX_WS_BACKLOG = 64  # buffers of control frames queued before the peer is read no more
+
+
+class Tunnel:
+    """The state of one tunnel; see the module's docstring."""
+
+    __slots__ = ("_close_received", "_close_sent", "_closing_at", "_heard_at", "_mask",
+                 "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_ws_gone",
+                 "failed", "outcome", "reading_plain", "sent", "shut_plain", "to_plain",
+                 "to_ws", "ws_skip")
+
+    def __init__(self, *, client: bool, ping_interval: float = 0.0, ping_timeout: float = 0.0,
+                 now: float = 0.0) -> None:
+        self.to_ws: list[Buffer] = []  # frames for the WebSocket, two buffers each
+        self.to_plain: list[Buffer] = []  # payload for plain
+        self.ws_skip = 0  # buffers at the front of to_ws that a control frame must not pass
+        self.sent = 0  # payload bytes taken from plain
+        self.reading_plain = True
+        self.shut_plain = False  # shut plain for writing once to_plain is empty
+        self.outcome = ""  # why the tunnel ended; "" while it goes on
+        self.failed = False  # it ended abnormally: reset plain
+        self._mask = client  # a client masks its frames, a server does not (RFC 6455 5.1)
+        self._reader = frames.FrameReader(masked=not client)
+        self._close_sent = False  # our Close is queued
+        self._close_received = False
+        self._ping_interval = ping_interval  # 0: no keepalive
+        self._ping_timeout = ping_timeout
+        self._heard_at = now  # when the peer last sent anything
+        self._ping_at: float | None = None  # when our unanswered Ping was sent
+        self._closing_at: float | None = None  # when the timer first saw our answer wait
+        self._ws_gone = False  # the peer hung up after its Close
+
+    # What the driver reports ------------------------------------------------
+
+    def plain_data(self, data: Buffer) -> None:
+        """Bytes read from plain: one binary frame."""
+        self.sent += len(data)
+        self.to_ws += frames.frame_parts(OP_BINARY, data, mask=self._mask)
+
+    def plain_eof(self) -> None:
+        """Plain will send no more: Close(1000), after what it sent before."""
+        self.reading_plain = False
+        self._queue_close(frames.CLOSE_NORMAL, "")
+
+    def ws_data(self, data: Buffer, now: float) -> None:
+        """Bytes read from the WebSocket: payloads for plain, control frames acted on."""
+        self._heard_at = now
+        try:
+            controls = self._reader.feed(data, self.to_plain)
+        except ProtocolError as exc:
+            self._queue_close(exc.code, exc.reason)  # best effort: the peer may be stuck too
+            self._end(f"protocol error: {exc.reason}", failed=True)
+            return
+        for control in controls:
+            if type(control) is frames.Ping:
+                if not (self._close_sent and self._close_received):  # not once both are out
+                    self._urgent(OP_PONG, control.payload)
+            elif type(control) is frames.Close:
+                self._on_close(control)
+
+    def ws_lost(self, reason: str, *, backlog: bool = False) -> None:
+        """The WebSocket's stream ended or failed.  After the peer's Close that is its way
+        of hanging up, fine if nothing but our Close was left unsent (`backlog`: the driver
+        still held bytes of its own); otherwise a cut."""
+        if self._close_received and len(self.to_ws) <= 2 and not backlog:
+            self.to_ws.clear()
+            self._ws_gone = True
+        else:
+            self._end(reason, failed=True)
+
+    def error(self, reason: str) -> None:
+        """Plain failed (a reset, say): the tunnel is cut."""
+        self._end(reason, failed=True)
+
+    def abort(self, reason: str) -> None:
+        """Ended from outside (the forwarder closes): not a failure; the peer is told
+        we are going away, best effort."""
+        self._queue_close(frames.CLOSE_GOING_AWAY, "")
+        self._end(reason)
+
+    def timer(self, now: float, *, held: bool) -> float | None:
+        """Keepalive; returns when to call again (None: no more).  `held` says the driver
+        waits on flow control: a side that reads slowly, which proves nothing."""
+        if self.outcome or not self._ping_interval:
+            return None
+        if self._close_received:  # our answer must get out within ping_timeout
+            if not self.to_ws or self._ws_gone:
+                return None
+            if self._closing_at is None:
+                self._closing_at = now
+            elif now - self._closing_at >= self._ping_timeout:
+                self.ws_lost(f"peer took no Close answer within {self._ping_timeout:g} s")
+                return None
+            return self._closing_at + self._ping_timeout
+        if held:
+            self._heard_at, self._ping_at = now, None
+            return now + self._ping_interval
+        if self._ping_at is not None and self._heard_at < self._ping_at:
+            if now - self._ping_at >= self._ping_timeout:
+                self._end(f"no answer to a ping within {self._ping_timeout:g} s", failed=True)
+                return None
+            return self._ping_at + self._ping_timeout
+        if now - self._heard_at >= self._ping_interval:
+            self._ping_at = now
+            self._urgent(OP_PING, b"")
+            return now + self._ping_timeout
+        self._ping_at = None
+        return self._heard_at + self._ping_interval
+
+    # What the driver reads ---------------------------------------------------
+
+    @property
+    def received(self) -> int:
+        """Payload bytes read from the WebSocket."""
+        return self._reader.received
+
+    @property
+    def reading_ws(self) -> bool:
+        """Whether to read the WebSocket now: not while plain has bytes to take (flow
+        control) or the peer leaves control frames unread."""
+        return (not self.to_plain and len(self.to_ws) <= MAX_WS_BACKLOG and not self.outcome
+                and not self._ws_gone)
+
+    @property
+    def finished(self) -> bool:
+        """Both Close frames exchanged and every byte delivered: a clean end."""
+        return (self._close_received and not self.to_ws and not self.to_plain
+                and (self._close_sent or self._ws_gone))
+
+    def sent_to_ws(self, count: int) -> None:
+        """The driver wrote `count` bytes off the front of to_ws (less than all of it)."""
+        partial = consume(self.to_ws, count)
+        # Frames are buffer pairs: an odd count means the head frame's header went out.
+        self.ws_skip = 1 if len(self.to_ws) % 2 else 2 if partial else 0
+
+    # Rules -------------------------------------------------------------------
+
+    def _on_close(self, close: frames.Close) -> None:
+        """The peer is done sending: deliver what came before, then end or half-close."""
+        self._close_received = True
+        if close.code in CLEAN_CLOSE_CODES:
+            self.shut_plain = True
+            if self._mask:  # the client role; a server's Close follows plain's EOF
+                self.reading_plain = False
+                self._queue_close(frames.CLOSE_NORMAL, "")
+        else:
+            self.reading_plain = False
+            self._queue_close(close.code, "")
+            self._end(f"peer closed with code {close.code} {close.reason!r}".rstrip(),
+                      failed=True)
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        if not self._close_sent:
+            self._close_sent = True
+            self.to_ws += frames.frame_parts(OP_CLOSE, frames.close_payload(code, reason),
+                                             mask=self._mask)
+
+    def _urgent(self, opcode: int, payload: bytes) -> None:
+        """A control frame goes right after the frame being written, ahead of the rest."""
+        at = self.ws_skip if self.to_ws else 0
+        self.to_ws[at:at] = frames.frame_parts(opcode, payload, mask=self._mask)
+        self.ws_skip = at + 2
+
+    def _end(self, reason: str, *, failed: bool = False) -> None:
+        """The first reason given is the one kept."""
+        if not self.outcome:
+            self.outcome = reason
+            self.failed = failed
+            self.reading_plain = False
+
+
+def consume(buffers: list[Buffer], count: int) -> bool:
+    """Drop `count` bytes off the front of `buffers` (a queue the driver wrote from);
+    True if the new head was cut into."""
+    done = 0
+    for buf in buffers:
+        size = len(buf)
+        if count < size:
+            break
+        count -= size
+        done += 1
+    del buffers[:done]
+    if count:
+        buffers[0] = memoryview(buffers[0])[count:]
+    return bool(count)
+
