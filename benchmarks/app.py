@@ -31,8 +31,7 @@ from typing import Any
 
 from benchmarks import loadgen, procfs
 from benchmarks.children import BenchError, child_arguments, child_setup
-
-VM = "bench"
+from benchmarks.columns import VM
 
 
 def reply(obj: dict[str, Any]) -> None:

@@ -15,10 +15,8 @@ import socket
 import time
 from typing import Callable
 
-READ = select.EPOLLIN
+READ = select.EPOLLIN  # errors and hang-ups come too: handlers treat them as readable
 WRITE = select.EPOLLOUT
-# Errors and hang-ups come whatever was asked for; handlers read them as "readable".
-READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 
 Handler = Callable[[int], None]
 
@@ -51,9 +49,6 @@ class Loop:
         fd = sock.fileno()
         if self._handlers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
-
-    def __len__(self) -> int:
-        return len(self._handlers)
 
     def run(self, until: Callable[[], bool], timeout: float) -> bool:
         """Serve until `until()` holds (True) or `timeout` seconds pass (False)."""

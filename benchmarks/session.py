@@ -192,8 +192,9 @@ class Run:
                 text += f"  [other load on the machine: {busy:.1f} cores]"
                 self.contended.append(f"{key}, {column.title}: {busy:.1f} cores busy with"
                                       " processes not of this run")
-            if result["steal"] >= 0.05:
-                text += f"  [steal {result['steal'] / result['window']:.1f} cores]"
+            steal = result["steal"] / max(result["window"], 1e-9)
+            if result["steal"] >= 0.05 and steal >= 0.05:
+                text += f"  [steal {steal:.1f} cores]"
         log(f"{key:<11} {column.title:<19} {text}")
 
     def run_load(self, key: str, endpoints: list[Endpoint], spec: dict[str, Any],
