@@ -7,8 +7,9 @@
 Not run in CI (tests/test_load.py runs it for a few seconds so that it does
 not rot).  Everything stays on loopback: the reference daemon and the
 forwarder (the `gforward` command line) each run in a process of their own,
-and one thread here drives every client and guest socket
-(tests.peers.LoadLoop).  Each tunnel sends a random 1 B - 1 MiB up, and
+started as benchmarks/throughput.py starts them, and one thread here drives
+every client and guest socket (the load generator's
+benchmarks.loadloop.StreamLoop).  Each tunnel sends a random 1 B - 1 MiB up, and
 once all of it is in, the guest sends as many bytes down (request, then
 reply: a guest that half-closes while the client is still sending loses the
 rest of the upload, see tests/test_faults.py); both ends check the bytes
@@ -25,19 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import socket
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import LoadLoop, Rotations, Stream, announced, daemon_process
+from benchmarks import procfs
+from benchmarks.children import Children
+from benchmarks.columns import PROCESS, REFERENCE_DAEMON, Processes, credentials
+from benchmarks.loadloop import Rotations, Stream, StreamLoop
 
 MAX_SIZE = 1 << 20
 HEAD = struct.Struct("!QQ")  # tunnel id, bytes each way
@@ -45,19 +48,13 @@ HEAD = struct.Struct("!QQ")  # tunnel id, bytes each way
 
 def process_status(pid: int) -> dict[str, int]:
     """RSS and peak RSS in KiB, and open descriptors, of a process."""
-    status = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            status[key] = int(value.split()[0])
-    status["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    return status
+    return {**procfs.memory_kib(pid), "fds": procfs.open_fds(pid)}
 
 
 class Soak:
     """Keeps `concurrency` tunnels busy through `port` until told to stop; checks each."""
 
-    def __init__(self, loop: LoadLoop, port: int, concurrency: int, seed: int) -> None:
+    def __init__(self, loop: StreamLoop, port: int, concurrency: int, seed: int) -> None:
         self.loop, self.port = loop, port
         self.up, self.down = Rotations(MAX_SIZE), Rotations(MAX_SIZE)
         self.random = random.Random(seed)
@@ -121,32 +118,16 @@ class Soak:
         return ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
-    parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    args = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 4 * args.concurrency + 256  # this process and, inherited, the other two
-    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-    guest = socket.socket()
-    guest.bind(("127.0.0.1", 0))
-    guest.listen(1024)
-    upstream = f"127.0.0.1:{guest.getsockname()[1]}"
+def churn(args: argparse.Namespace, guest: socket.socket, port: int, pid: int
+          ) -> tuple[list[dict[str, Any]], Soak]:
+    """Tunnels through the forwarder (`port`, process `pid`) for args.seconds, then until
+    every one has ended; the forwarder's samples, and what the soak saw."""
     samples: list[dict[str, Any]] = []
-    with daemon_process() as url, announced(
-        ["-m", "gforward", "--url", url, "soak", f"127.0.0.1:0:{upstream}"]
-    ) as (forwarder, line), LoadLoop() as loop:
-        port = int(line.split()[0].rsplit(":", 1)[1])
+    with StreamLoop() as loop:
         began = time.monotonic()
 
         def sample(soak: Soak | None) -> None:
-            status = process_status(forwarder.pid)
+            status: dict[str, Any] = dict(process_status(pid))
             status.update(t=round(time.monotonic() - began, 1),
                           tunnels=soak.done if soak else 0, errors=len(soak.errors) if soak else 0)
             samples.append(status)
@@ -164,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() >= next_sample:
                 sample(soak)
                 next_sample += args.sample
+
         def drained() -> bool:
             soak.reap(refill=False)
             return not soak.active
@@ -172,9 +154,37 @@ def main(argv: list[str] | None = None) -> int:
             soak.errors.append(f"{len(soak.active)} tunnels did not end within 60 s")
         time.sleep(0.5)  # the forwarder's last tunnels close after their clients saw EOF
         sample(soak)
-        forwarder.terminate()
-        status = forwarder.wait(15)
-    guest.close()
+    return samples, soak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    # Descriptors for this process and, inherited, the other two.
+    nofile = procfs.raise_nofile(4 * args.concurrency + 256)
+    with tempfile.TemporaryDirectory(prefix="gforward-soak-") as tmp, socket.socket() as guest:
+        guest.bind(("127.0.0.1", 0))
+        guest.listen(1024)
+        children = Children(Path(tmp), {})
+        procs = Processes(children, deadline_at=time.time() + args.seconds + 300, nofile=nofile,
+                          io_timeout=60.0, values=credentials(Path(tmp)))
+        try:
+            daemon = procs.daemon(REFERENCE_DAEMON, "daemon")
+            endpoint = procs.open(PROCESS, daemon, guest.getsockname(), "soak")
+            forwarder = endpoint.forwarder
+            assert forwarder is not None
+            samples, soak = churn(args, guest, endpoint.addr[1], forwarder.pid)
+            forwarder.proc.terminate()
+            status = forwarder.proc.wait(15)
+            if soak.errors or status:
+                print(forwarder.log_tail(), file=sys.stderr)
+        finally:
+            children.stop_all()
 
     start, end = samples[0], samples[-1]
     report = {

@@ -1,4 +1,5 @@
-"""The benchmark must not rot: `benchmarks/throughput.py --quick` runs and reports every figure."""
+"""The benchmarks must not rot: `benchmarks/throughput.py --quick` runs every workload, with
+the gforward command line run a second time as a `--peer`, and reports every figure."""
 
 from __future__ import annotations
 
@@ -9,52 +10,85 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.columns import expand, peer_column
+from benchmarks.framesdaemon import frames
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK = ROOT / "benchmarks" / "throughput.py"
+SELF_PEER = "self={python} -m gforward {vm} {spec} --url {url} --token {token}"
 
-# Every figure of issue 4, and the columns that must have a number for it.
 THROUGHPUT = ["upload_1", "download_1", "upload_8", "download_8"]
-WITH_DIRECT = [*THROUGHPUT, "rtt_median", "rtt_p99", "setup_seq", "setup_conc"]
+REQUESTS = ["requests_64", "requests_512", "requests_4096", "pipelined", "per_request"]
+WITH_DIRECT = [*THROUGHPUT, *REQUESTS, "rtt_median", "rtt_p99", "setup_seq", "setup_conc",
+               "busy_idle_median", "busy_idle_p99", "busy_median", "busy_p99"]
 FORWARDER_ONLY = [
     "cpu_upload_1", "cpu_download_1", "cpu_upload_8", "cpu_download_8", "cpu_per_conn",
+    "cpu_requests_64", "cpu_requests_512", "cpu_requests_4096", "cpu_pipelined",
+    "cpu_per_request", "frames", "cpu_frames", "tls_upload_1", "tls_download_1",
     "rss_idle_0", "rss_idle_small", "kib_per_tunnel", "tunnels_held",
 ]
 SKIPPED_IN_QUICK = ["rss_idle_large"]  # the 10,000-tunnel step: present, with a reason
-GFORWARD = ["process", "app"]
+FORWARDERS = ["process", "app", "peer:self"]
+VS_PEER = ["upload_1", "rtt_median", "setup_conc", "requests_64", "cpu_requests_64",
+           "pipelined", "per_request", "cpu_frames", "tls_download_1"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--quick", "--json", str(out), "--deadline", "45"],
-        cwd=ROOT, capture_output=True, text=True, timeout=55, check=False,
+        [sys.executable, str(BENCHMARK), "--quick", "--json", str(out), "--deadline", "120",
+         "--peer", SELF_PEER],
+        cwd=ROOT, capture_output=True, text=True, timeout=140, check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "| figure" in proc.stdout  # the table
+    assert "| figure" in proc.stdout and "vs self (proc / app)" in proc.stdout  # the table
     assert "upload_1" in proc.stderr  # progress went to stderr
 
     data = json.loads(out.read_text())
+    assert data["failures"] == []
     figures = data["figures"]
     for key in WITH_DIRECT:
-        for column in ["direct", *GFORWARD]:
+        for column in ["direct", *FORWARDERS]:
             value = figures[key][column]
             assert isinstance(value, (int, float)) and value > 0, (key, column, value)
-        for column in GFORWARD:
+        for column in ["process", "app"]:
             assert figures[key][f"ratio_{column}"] > 0, (key, column)
     for key in FORWARDER_ONLY:
         assert figures[key]["direct"] is None, key
-        for column in GFORWARD:
+        for column in FORWARDERS:
             value = figures[key][column]
             assert isinstance(value, (int, float)) and value >= 0, (key, column, value)
     for key in SKIPPED_IN_QUICK:
-        for column in GFORWARD:
+        for column in FORWARDERS:
             assert figures[key][column] is None
             assert figures[key]["skipped"][column], (key, column)
-    for column in GFORWARD:
+    for column in FORWARDERS:
         assert figures["tunnels_held"][column] == 100
-    for key in ["upload_1", "rtt_median", "setup_seq", "kib_per_tunnel"]:
-        assert "target" in figures[key], key
+    for key in VS_PEER:  # targets against the first peer, decided either way
+        row = figures[key]
+        assert row["target_vs_peer"] and row["peer"] == "peer:self", key
+        for column in ["process", "app"]:
+            assert row[f"vs_peer_{column}"] is not None, (key, column)
+            assert row[f"met_{column}"] in (True, False), (key, column)
+    for key in ["kib_per_tunnel", "tunnels_held"]:
+        assert not figures[key]["target_vs_peer"], key
     for key in THROUGHPUT:
-        for column in ["direct", *GFORWARD]:
+        for column in ["direct", *FORWARDERS]:
             assert data["raw"][column][key]["bytes"] > 0
+
+
+def test_command_templates() -> None:
+    peer = peer_column(SELF_PEER)
+    assert (peer.key, peer.title) == ("peer:self", "self")
+    argv = expand("fwd --spec={spec} '{url}/x y' {other}", {"spec": "1:2:3", "url": "http://u"})
+    assert argv == ["fwd", "--spec=1:2:3", "http://u/x y", "{other}"]
+    for bad in ["no-equals-sign", "=cmd", "a b=cmd", "x={nope}", "x='unclosed"]:
+        with pytest.raises(ValueError):
+            peer_column(bad)
+
+
+def test_frames_are_32_kib_binary_frames() -> None:
+    run = frames(32 * 1024, 2)
+    assert len(run) == 2 * (4 + 32 * 1024)
+    assert run[:4] == bytes([0x82, 126, 0x80, 0x00])

@@ -1,0 +1,232 @@
+"""One benchmark run: its sizes, its processes, and what every column measured.
+
+`Run.measure` runs one workload in one column (here for the direct, process and
+peer columns; in the app for the in-app one) and reads every process's CPU at
+the edges of the measured window; `Run.attempt` records a column's failure and
+lets the run go on, so that one peer that cannot do something costs only its
+own cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import loadgen, procfs
+from benchmarks.children import BenchError, Child, Children
+from benchmarks.columns import (
+    Column,
+    Daemon,
+    Endpoint,
+    Processes,
+    credentials,
+    make_certificates,
+)
+from benchmarks.protocol import GiB, MiB
+
+START_TIME = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress, on stderr, with the time since the start."""
+    print(f"[{time.monotonic() - START_TIME:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Params:
+    """Sizes and durations: the full run's, or --quick's few-second ones."""
+
+    size: int  # bytes per bulk stream
+    rtt_count: int
+    rtt_warmup: int
+    setup_count: int
+    concurrency: int  # connections at a time: keep-alive clients, setup, one per request
+    idle_steps: list[int]
+    seconds: float  # measured window of the request workloads
+    warmup: float  # before that window
+    depth: int  # requests in flight per connection, pipelined
+    request_sizes: list[int]
+    pipelined_size: int
+    per_request_size: int
+    frames_size: int  # bytes read through the frames daemon
+    tls_size: int
+    busy_count: int  # round trips beside a busy thread (each phase)
+    busy_seconds: float  # at most this long per phase
+    io_timeout: float
+    settle: float  # with idle tunnels open, before reading RSS
+    load_settle: float  # after a load, before its last CPU reading: tunnels wind down
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Params:
+        quick = args.quick
+        size = args.size or (32 * MiB if quick else GiB)
+        return cls(
+            size=size,
+            rtt_count=args.round_trips or (300 if quick else 5000),
+            rtt_warmup=50 if quick else 500,
+            setup_count=args.connections or (100 if quick else 2000),
+            concurrency=args.clients,
+            idle_steps=[args.idle] if args.idle else ([100] if quick else [1000, 10000]),
+            seconds=args.seconds or (0.2 if quick else 3.0),
+            warmup=0.05 if quick else 0.5,
+            depth=args.depth,
+            request_sizes=[64, 512, 4096],
+            pipelined_size=64,
+            per_request_size=512,
+            frames_size=size,
+            tls_size=size,
+            busy_count=20 if quick else 1000,
+            busy_seconds=1.0 if quick else 5.0,
+            io_timeout=10.0 if quick else 30.0,
+            settle=0.3 if quick else 1.0,
+            load_settle=0.05 if quick else 0.2,
+        )
+
+
+@dataclass
+class Run:
+    """The run's state; scenarios (benchmarks.scenarios) add to `raw`."""
+
+    args: argparse.Namespace
+    logdir: Path
+    columns: list[Column]
+    p: Params
+    deadline_at: float
+    nofile: int
+    raw: dict[str, dict[str, Any]] = field(default_factory=dict)  # column -> result key -> result
+    missing: dict[str, dict[str, str]] = field(default_factory=dict)  # ... -> why none
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    contended: list[str] = field(default_factory=list)  # shared the machine with other work
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.children = Children(self.logdir, {})
+        values = credentials(self.logdir)
+        if "tls" in self.args.only:
+            values.update(make_certificates(self.logdir))
+            # OpenSSL's default verify paths and Go's crypto/x509 both read it.
+            self.children.env["SSL_CERT_FILE"] = values["ca"]
+        self.procs = Processes(self.children, deadline_at=self.deadline_at, nofile=self.nofile,
+                               io_timeout=self.io_timeout_children(), values=values)
+        for column in self.columns:
+            self.raw.setdefault(column.key, {})
+            self.missing.setdefault(column.key, {})
+        self.guest: Child
+        self.guest_addr = ("127.0.0.1", 0)
+        self._daemon: Daemon | None = None
+
+    def io_timeout_children(self) -> float:
+        """Children wait as long as the run may last: the benchmark decides when they end."""
+        return max(float(self.args.deadline), 60.0)
+
+    @property
+    def peers(self) -> list[Column]:
+        return [c for c in self.columns if c.is_peer]
+
+    @property
+    def forwarding(self) -> list[Column]:
+        """The columns with a forwarder."""
+        return [c for c in self.columns if c.key != "direct"]
+
+    def remaining(self) -> float:
+        return max(self.deadline_at - time.time(), 1.0)
+
+    def start_guest(self) -> None:
+        self.guest, self.guest_addr = self.procs.guest()
+        log(f"guest service on {self.guest_addr[0]}:{self.guest_addr[1]}"
+            f" (pid {self.guest.pid})")
+
+    def daemon(self) -> Daemon:
+        """The daemon (the reference one unless --daemon), started on first use."""
+        if self._daemon is None:
+            self._daemon = self.procs.daemon(self.args.daemon, "daemon")
+            log(f"daemon at {self._daemon.url} (pid {self._daemon.child.pid})")
+        return self._daemon
+
+    def has(self, key: str) -> bool:
+        return any(c.key == key for c in self.columns)
+
+    # Measuring ------------------------------------------------------------------
+
+    def measure(self, endpoint: Endpoint, spec: dict[str, Any]) -> dict[str, Any]:
+        """One workload in one column, with the CPU of every process of the way."""
+        spec = {"settle": self.p.load_settle, **spec}
+        pids = {"guest": self.guest.pid}
+        if endpoint.daemon is not None:
+            pids["daemon"] = endpoint.daemon.child.pid
+        if endpoint.forwarder is not None:
+            pids["forwarder"] = endpoint.forwarder.pid
+        if endpoint.app is not None:
+            return endpoint.app.request(
+                {"op": "load", "target": {"forwarder": endpoint.name}, "spec": spec,
+                 "pids": pids, "root": os.getpid()}, self.remaining())
+        result = loadgen.run_load(endpoint.addr, spec,
+                                  lambda: procfs.snapshot(pids, os.getpid()), self.p.io_timeout)
+        return loadgen.account(result)
+
+    def attempt(self, key: str, column: Column, work: Callable[[], Any]) -> Any:
+        """work(), or None once its failure is recorded (the run goes on)."""
+        try:
+            return work()
+        except (BenchError, OSError) as exc:
+            text = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+            self.failures.append(f"{key}, {column.title}: {text}")
+            self.missing[column.key][key] = "failed (see below)"
+            log(f"{key:<11} {column.title:<19} FAILED: {text}")
+            return None
+
+    def record(self, key: str, column: Column, result: dict[str, Any], text: str) -> None:
+        """Keep a result, and log it with what else the machine was doing meanwhile."""
+        self.raw[column.key][key] = result
+        if "window" in result:
+            busy = result["other_cpu"] / max(result["window"], 1e-9)
+            if result["other_cpu"] >= 0.1 and busy >= 0.1:  # above /proc's 10 ms ticks
+                text += f"  [other load on the machine: {busy:.1f} cores]"
+                self.contended.append(f"{key}, {column.title}: {busy:.1f} cores busy with"
+                                      " processes not of this run")
+            steal = result["steal"] / max(result["window"], 1e-9)
+            if result["steal"] >= 0.05 and steal >= 0.05:
+                text += f"  [steal {steal:.1f} cores]"
+        log(f"{key:<11} {column.title:<19} {text}")
+
+    def run_load(self, key: str, endpoints: list[Endpoint], spec: dict[str, Any],
+                 describe: Callable[[dict[str, Any]], str]) -> None:
+        """One workload in each column, one after the other."""
+        for endpoint in endpoints:
+            result = self.attempt(key, endpoint.column,
+                                  functools.partial(self.measure, endpoint, spec))
+            if result is not None:
+                self.record(key, endpoint.column, result, describe(result))
+
+    # Endpoints --------------------------------------------------------------------
+
+    def open_all(self, daemon: Daemon, label: str, columns: list[Column],
+                 app: Child | None = None) -> list[Endpoint]:
+        """Every column's way through `daemon`; a column that cannot start is left out
+        (and its failure recorded)."""
+        endpoints = []
+        for column in columns:
+            endpoint = self.attempt(label, column, functools.partial(
+                self.procs.open, column, daemon, self.guest_addr, label, app))
+            if endpoint is not None:
+                if endpoint.forwarder is not None:
+                    log(f"{column.title} ({label}) on port {endpoint.addr[1]}"
+                        f" (pid {endpoint.forwarder.pid})")
+                endpoints.append(endpoint)
+        return endpoints
+
+    def close_all(self, endpoints: list[Endpoint]) -> None:
+        for endpoint in endpoints:
+            with contextlib.suppress(BenchError, OSError):  # it is stopped at the end anyway
+                self.procs.close(endpoint)
+
+    def stop_all(self) -> None:
+        self.children.stop_all()
