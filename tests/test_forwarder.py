@@ -636,6 +636,40 @@ def test_default_logger_is_gforward(
                r.getMessage() for r in caplog.records)
 
 
+SILENT_UNTIL_CONFIGURED = """
+import logging, socket, sys
+import gforward, gforward.daemon
+
+def refused_tunnel(fwd):
+    with socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10) as sock:
+        try:
+            assert sock.recv(1) == b""  # the warning is logged before the local close
+        except ConnectionResetError:
+            pass
+
+with gforward.daemon.start(token="right") as daemon, gforward.start(
+        base_url=daemon.url, token="wrong", vm_name="v", specs=["127.0.0.1:0:127.0.0.1:9"]) as fwd:
+    refused_tunnel(fwd)
+    logging.getLogger("gforward.daemon").warning("a daemon warning")
+    print("-- logging configured --", file=sys.stderr, flush=True)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    refused_tunnel(fwd)
+    logging.getLogger("gforward.daemon").warning("a daemon warning")
+"""
+
+
+def test_silent_until_the_app_configures_logging() -> None:
+    """No logging configured: not a line on stderr, from gforward or gforward.daemon (logging
+    would otherwise print warnings through its last-resort handler); once configured, both."""
+    result = subprocess.run([sys.executable, "-c", SILENT_UNTIL_CONFIGURED], capture_output=True,
+                            text=True, timeout=30, cwd=str(APPS.parent.parent), check=False)
+    assert result.returncode == 0, result.stderr
+    before, marker, after = result.stderr.partition("-- logging configured --\n")
+    assert marker and before == "", result.stderr
+    assert "gforward: tunnel" in after and "failed" in after and "401" in after, after
+    assert "gforward.daemon: a daemon warning" in after, after
+
+
 # Whole apps, as subprocesses -------------------------------------------------------------
 
 
