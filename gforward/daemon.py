@@ -1,8 +1,8 @@
 """The reference daemon: the server side of /vm/{name}/forward, for tests and trials.
 
-It stands in for Slicer's daemon (API.md, "Reference daemon"): it checks the
-bearer token, dials the X-Inlets-Upstream target itself (there is no VM), and
-runs the same Pump as the client, in the server role.  Importable:
+It stands in for Slicer's daemon (the README's "Try it without Slicer"): it
+checks the bearer token, dials the X-Inlets-Upstream target itself (there is
+no VM), and runs the same Pump as the client, in the server role.  Importable:
 
     with gforward.daemon.start(token="t") as daemon:
         gforward.start(base_url=daemon.url, token="t", ...)

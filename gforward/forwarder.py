@@ -1,8 +1,8 @@
 """`start()` and the Forwarder: listeners, and the life of one local connection.
 
 Each accepted connection gets its own WebSocket to the daemon, as the Go
-package does (forward-package-doc.txt, "Overview"); `_serve_connection`
-below is that whole life, top to bottom: dial, upgrade, pump, log.
+`forward` package does; `_serve_connection` below is that whole life, top to
+bottom: dial, upgrade, pump, log.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Parse ``-L``-style forwarding specs into :class:`AddressMapping`.
 
 The accepted formats and field meanings follow ``ParseAddressMapping`` in the
-Go ``forward`` package (see ``forward-package-doc.txt``). One addition: a unix
-listener forwarding to a TCP remote (``/tmp/web.sock:127.0.0.1:8080``), which
+Go ``forward`` package (the README's "Specs" table lists them). One addition: a
+unix listener forwarding to a TCP remote (``/tmp/web.sock:127.0.0.1:8080``), which
 the Go parser rejects but Slicer's documentation promises. IPv6 hosts are
 written in brackets, as ssh does (``[::1]:8080:[::1]:80``).
 """

@@ -29,7 +29,7 @@
   the payload `gws-ping-<n>`, waits for the pong and sends back
   `pong:<its payload>`, then echoes; `bye` sends `bye` and closes at once.
   Paths outside `{prefix}/vm/*/forward` get a plain 404, never an upgrade.
-  Keep its payloads small: its masking runs at a few MB/s (gevent-notes.md).
+  Keep its payloads small: its masking runs at a few MB/s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every kind of synchronous app, under stress (issue 6): whole apps run as subprocesses.
+"""Every kind of synchronous app, under stress: whole apps run as subprocesses.
 
 Each test runs one script of tests/apps/ (plain, gevent-patched, or both),
 which prints what it checked and exits 0 only if every check held; the test

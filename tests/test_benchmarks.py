@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK = ROOT / "benchmarks" / "throughput.py"
 
-# Every figure of issue 4, and the columns that must have a number for it.
+# Every figure of the README's performance table, and the columns that must have a number for it.
 THROUGHPUT = ["upload_1", "download_1", "upload_8", "download_8"]
 WITH_DIRECT = [*THROUGHPUT, "rtt_median", "rtt_p99", "setup_seq", "setup_conc"]
 FORWARDER_ONLY = [

@@ -1,4 +1,4 @@
-"""gforward.start() and Forwarder, through the reference daemon: the API side of issue 2.
+"""gforward.start() and Forwarder, through the reference daemon: the library's API.
 
 Options and their validation, listeners and data in all four listen x
 upstream combinations, close()/wait() from several threads, many tunnels at
