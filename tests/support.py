@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -270,10 +271,15 @@ CLI_LINE = re.compile(r"(\S+) -> (\S+) (\S+)")
 
 def gforward_cli(programs: Programs, *args: str, env: dict[str, str] | None = None,
                  script: bool = False) -> Program:
-    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set."""
+    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set.
+
+    The script is the one installed for this interpreter (a venv's bin/), not whatever
+    `gforward` PATH holds: the tests run with a venv's python that need not be activated.
+    """
     if script:
-        found = shutil.which("gforward")
-        assert found, "the gforward console script is not on PATH: pip install -e ."
+        scripts = sysconfig.get_path("scripts")
+        found = shutil.which("gforward", path=scripts)
+        assert found, f"no gforward console script in {scripts}: pip install -e ."
         command = [found]
     else:
         command = [sys.executable, "-m", "gforward"]
