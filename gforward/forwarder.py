@@ -28,6 +28,10 @@ from .proxy import ConnectHandshake, Proxy, select_proxy
 from .pump import Pump
 from .service import Binder, Connection, Service
 
+# Logged once per listener that binds every interface (the command line prints its own line).
+WILDCARD_WARNING = ("listening on all interfaces (%s): anyone who can reach this machine can "
+                    "reach vm %s; prefix the spec with 127.0.0.1: to keep it local")
+
 
 @dataclass
 class Options:
@@ -139,6 +143,8 @@ class Forwarder(Service):
             self.listeners.append(listener)
             self._log.info("listening on %s -> vm %s %s", listener.local,
                            self._settings.vm_name, listener.remote)
+            if mapping.listens_everywhere():
+                self._log.warning(WILDCARD_WARNING, listener.local, self._settings.vm_name)
 
             def handle(local: socket.socket, address: Any) -> None:
                 self._serve_connection(listener, local, address)

@@ -57,6 +57,14 @@ class AddressMapping:
             return self.listen_unix_path
         return join_host_port(self.listen_addr, self.listen_port)
 
+    def listens_everywhere(self) -> bool:
+        """Whether the listener binds every interface (0.0.0.0, ::): other machines can
+        reach the VM's port through it."""
+        try:
+            return bool(self.listen_addr) and ipaddress.ip_address(self.listen_addr).is_unspecified
+        except ValueError:
+            return False
+
     def canonical_spec(self) -> str:
         """Fully explicit ``LISTEN:REMOTE`` form, so logs show what was really meant."""
         remote = self.remote_unix_path if self.remote_unix() else self.remote_target()

@@ -29,9 +29,11 @@ import gforward
 import gforward.daemon
 from tests.support import (
     can_bind,
+    closed_port,
     connect,
     echo_once,
     free_port,
+    ipv6_loopback,
     local_address,
     read_exact,
     refused,
@@ -634,6 +636,24 @@ def test_default_logger_is_gforward(
         local = fwd.listeners[0].local
     assert any(r.name == "gforward" and "listening on" in r.getMessage() and local in
                r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("everywhere", ["0.0.0.0", "[::]"])
+def test_a_listener_on_every_interface_is_warned_of_once(
+    log: tuple[logging.Logger, ListHandler], everywhere: str
+) -> None:
+    if everywhere == "[::]" and not ipv6_loopback():
+        pytest.skip("no IPv6 on this machine")
+    logger, handler = log
+    specs = [f"{everywhere}:0:127.0.0.1:1", "127.0.0.1:0:127.0.0.1:2", "0:127.0.0.1:3"]
+    # Nothing connects to these listeners, so nothing is ever dialled.
+    with gforward.start(base_url=f"http://127.0.0.1:{closed_port()}", vm_name="sbox-3",
+                        specs=specs, logger=logger) as fwd:
+        exposed = [fwd.listeners[0].local, fwd.listeners[2].local]
+        warnings = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    for local, warning in zip(exposed, warnings):
+        assert "all interfaces" in warning and local in warning and "sbox-3" in warning
 
 
 SILENT_UNTIL_CONFIGURED = """
