@@ -7,8 +7,10 @@ Nothing here is a test module's own: a helper that one module alone uses stays t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import random
 import re
 import shutil
@@ -18,6 +20,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -27,6 +30,7 @@ import gforward
 import gforward.daemon
 from tests.peers import (
     READ_TIMEOUT,
+    ROOT,
     Peer,
     Program,
     Programs,
@@ -195,6 +199,48 @@ def can_bind(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+@contextlib.contextmanager
+def blackhole(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A loopback port that never answers a SYN; yields its number.
+
+    An address that drops packets, made on loopback: a listener that never
+    accepts, with a backlog of 0, whose accept queue is then filled.  The kernel
+    drops the SYNs of every further connection, whose connect() retransmits until
+    its own timeout, as towards a dead host.  Checked before it is handed out.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    queued: list[socket.socket] = []
+    try:
+        listener.bind((host, port))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            probe = socket.socket(family, socket.SOCK_STREAM)
+            probe.settimeout(0.3)
+            try:
+                probe.connect((host, port))
+            except socket.timeout:
+                probe.close()
+                break  # its SYN went unanswered: the queue is full
+            queued.append(probe)  # it got in: one place less in the queue
+        else:
+            raise RuntimeError(f"{host}:{port} still accepts with a full backlog")
+        yield port
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
+
+
+def resolver_env(hosts: Path) -> dict[str, str]:
+    """Environment for a program whose name lookups are answered by the hosts-style file
+    `hosts` alone (tests/resolver.py)."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {"GEVENT_RESOLVER": "tests.resolver.HostsFile", "GFORWARD_TEST_HOSTS": str(hosts),
+            "PYTHONPATH": path}
 
 
 def ipv6_loopback() -> bool:
