@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gevent
 import pytest
@@ -21,6 +20,7 @@ import pytest
 import gforward.daemon
 from gforward import dial
 from tests.peers import Programs
+from tests.resolver import Scripted
 from tests.support import (
     MARGIN,
     announced_listeners,
@@ -150,31 +150,15 @@ def test_a_connect_that_times_out_closes_its_sockets(addresses: int) -> None:
 # Lookups ---------------------------------------------------------------------------------
 
 
-class CountingResolver:
-    """Answers every name with 127.0.0.1 after `delay` seconds (cooperatively), counting
-    the lookups; the name "bad" fails."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.lookups = 0
-
-    def getaddrinfo(self, host: str, port: int, *args: Any) -> list[Any]:
-        self.lookups += 1
-        gevent.sleep(self.delay)
-        if host == "bad":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(V4, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
-
-
 @pytest.fixture
-def resolver(monkeypatch: pytest.MonkeyPatch) -> CountingResolver:
-    """This thread's hub resolves through a CountingResolver until the test ends."""
-    counting = CountingResolver(0.2)
-    monkeypatch.setattr(gevent.get_hub(), "resolver", counting)
-    return counting
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Scripted:
+    """This thread's hub resolves every name to 127.0.0.1, in 0.2 s, until the test ends."""
+    scripted = Scripted("127.0.0.1", delay=0.2)
+    monkeypatch.setattr(gevent.get_hub(), "resolver", scripted)
+    return scripted
 
 
-def test_dials_of_one_name_at_once_share_one_lookup(resolver: CountingResolver) -> None:
+def test_dials_of_one_name_at_once_share_one_lookup(resolver: Scripted) -> None:
     dials = [gevent.spawn(dial.resolve, "daemon.test", 8081) for _ in range(20)]
     dials.append(gevent.spawn(dial.resolve, "other.test", 8081))
     gevent.joinall(dials, timeout=10, raise_error=True)
@@ -184,14 +168,15 @@ def test_dials_of_one_name_at_once_share_one_lookup(resolver: CountingResolver) 
     assert resolver.lookups == 3
 
 
-def test_a_failed_lookup_fails_every_dial_that_waited_for_it(resolver: CountingResolver) -> None:
-    dials = [gevent.spawn(dial.connect, "bad", 80, "", lambda sock: None) for _ in range(3)]
+def test_a_failed_lookup_fails_every_dial_that_waited_for_it(resolver: Scripted) -> None:
+    resolver.answers = ("fail",)
+    dials = [gevent.spawn(dial.connect, "bad.test", 80, "", lambda sock: None) for _ in range(3)]
     gevent.joinall(dials, timeout=10)
     assert all(isinstance(g.exception, socket.gaierror) for g in dials), dials
     assert resolver.lookups == 1
 
 
-def test_a_dial_that_gives_up_leaves_the_lookup_to_the_next(resolver: CountingResolver) -> None:
+def test_a_dial_that_gives_up_leaves_the_lookup_to_the_next(resolver: Scripted) -> None:
     resolver.delay = 1.0
     with pytest.raises(gevent.Timeout), gevent.Timeout(0.1):
         dial.resolve("daemon.test", 80)
@@ -204,7 +189,7 @@ def test_a_name_idna_cannot_encode_is_an_unknown_host() -> None:
         dial.resolve("a..b", 80)
 
 
-def test_ip_literals_are_not_looked_up(resolver: CountingResolver) -> None:
+def test_ip_literals_are_not_looked_up(resolver: Scripted) -> None:
     assert dial.resolve("127.0.0.1", 80) == [v4(80)]
     assert dial.resolve("::1", 80) == [(V6, ("::1", 80))]
     assert resolver.lookups == 0
