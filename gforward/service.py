@@ -346,7 +346,7 @@ class Service:
         handlers = list(self._pool or ())
         sockets = [listening.sock for listening in self._listening]
         sockets += [sock for connection in self._connections for sock in connection.sockets]
-        sockets += [g.args[0] for g in handlers if g.args and isinstance(g.args[0], socket.socket)]
+        sockets += [sock for handler in handlers for sock in _accepted_sockets(handler)]
         _release(sockets)
         if self._hub_thread == _thread_id():
             for server in self._servers:
@@ -373,6 +373,13 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _accepted_sockets(handler: Any) -> list[socket.socket]:
+    """The accepted socket a handler greenlet holds before it has run: gevent's servers
+    spawn it as (handle, close, (socket, address)), so the socket is one level down."""
+    return [item for arg in handler.args if isinstance(arg, tuple)
+            for item in arg if isinstance(item, socket.socket)]
 
 
 def _release(sockets: list[socket.socket]) -> None:

@@ -138,6 +138,11 @@ def test_prefork_workers(mode: str, short_tmp: str) -> None:
     assert os.listdir(short_tmp) == []
 
 
+def test_fork_while_a_connection_waits_for_its_handler() -> None:
+    lines = checked(run_app("fork_pending.py"))
+    assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_idle_process_uses_no_cpu(mode: str, short_tmp: str) -> None:
     """A bound, not a benchmark: a spinning hub would burn the whole 2 s."""
