@@ -288,7 +288,13 @@ class Service:
     def _request_close(self) -> None:
         """Start closing without waiting for it, from any thread."""
         if _thread_id() == self._hub_thread:
-            self._begin_close(spare=gevent.getcurrent())
+            # One of our own handlers (a log handler's close(), say) then waits for the
+            # others to end, and could never end first: the teardown must not wait for it.
+            current = gevent.getcurrent()
+            assert self._pool is not None
+            if current in self._pool:
+                self._pool.discard(current)
+            self._begin_close()
         else:
             self._hub.loop.run_callback_threadsafe(self._begin_close)
 
@@ -298,12 +304,12 @@ class Service:
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
 
-    def _begin_close(self, spare: Any = None) -> None:
+    def _begin_close(self) -> None:
         if not self._closing:
             self._closing = True
-            gevent.spawn(self._teardown, spare)
+            gevent.spawn(self._teardown)
 
-    def _teardown(self, spare: Any) -> None:
+    def _teardown(self) -> None:
         """In the hub: listeners first, so nothing new arrives, then connections."""
         for server in self._servers:
             server.close()
@@ -315,9 +321,8 @@ class Service:
         for connection in list(self._connections):
             connection.abort()
         assert self._pool is not None
-        handlers = [g for g in self._pool if g is not spare]
-        late = [g for g in handlers if g not in gevent.joinall(handlers, timeout=JOIN_TIMEOUT)]
-        if late:
+        if not self._pool.join(timeout=JOIN_TIMEOUT):
+            late = list(self._pool)
             self._log.warning("%d connection(s) did not end in time; killing them", len(late))
             gevent.killall(late, timeout=JOIN_TIMEOUT)
         _live.discard(self)

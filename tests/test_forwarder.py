@@ -27,6 +27,7 @@ import pytest
 
 import gforward
 import gforward.daemon
+import gforward.service
 from tests.support import (
     can_bind,
     closed_port,
@@ -440,6 +441,48 @@ def test_two_threads_closing_at_once(
     finally:
         for sock in clients:
             sock.close()
+        fwd.close()
+
+
+class CloseOnTunnelEnd(logging.Handler):
+    """Calls fwd.close() when a tunnel's end is logged (in the hub, from that tunnel's own
+    greenlet), as an app that stops at the first closed tunnel might; notes how long it took."""
+
+    def __init__(self, fwd: gforward.Forwarder) -> None:
+        super().__init__(logging.DEBUG)
+        self.fwd = fwd
+        self.took: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "closed (" in record.getMessage():
+            began = time.monotonic()
+            self.fwd.close()
+            self.took.append(time.monotonic() - began)
+
+
+def test_close_from_a_tunnel_while_another_thread_closes(
+    daemon: gforward.daemon.Daemon, echo_server: str, log: tuple[logging.Logger, ListHandler]
+) -> None:
+    """Neither close() waits for the other: the tunnel's close() returns once the rest is
+    closed, and the thread's close() does not wait JOIN_TIMEOUT for that tunnel (nor kill it)."""
+    logger, handler = log
+    fwd = gforward.start(base_url=daemon.url, vm_name="v", specs=[f"127.0.0.1:0:{echo_server}"],
+                         logger=logger)
+    closing = CloseOnTunnelEnd(fwd)
+    logger.addHandler(closing)
+    try:
+        with connect(fwd, timeout=WAIT) as sock:
+            sock.sendall(b"x")
+            assert read_exact(sock, 1) == b"x"  # the tunnel is open
+            began = time.monotonic()
+            fwd.close()
+            took = time.monotonic() - began
+        assert took < gforward.service.JOIN_TIMEOUT / 2, took
+        assert len(closing.took) == 1, closing.took
+        assert closing.took[0] < gforward.service.JOIN_TIMEOUT / 2, closing.took
+        assert "did not end in time" not in handler.text()
+    finally:
+        logger.removeHandler(closing)
         fwd.close()
 
 
