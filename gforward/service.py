@@ -60,7 +60,6 @@ EXIT_TIMEOUT = 10.0  # how long the exit hook waits for open services to close
 
 _allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
 _thread_id = gevent.monkey.get_original("_thread", "get_ident")  # per OS thread, even patched
-_live: weakref.WeakSet[Service] = weakref.WeakSet()
 _orphans: list[Service] = []  # detached in a forked child, their hub gone: never freed
 _opened = itertools.count()  # the order services opened in, for closing them at exit
 
@@ -87,6 +86,37 @@ class _Latch:
             self._lock.release()
             return True
         return self.is_set
+
+
+class _Open:
+    """The services open in this process, for the exit hook and the fork hook.
+
+    A weak set behind a lock: a hub thread drops a service from it when it closes,
+    maybe while the exit hook, in another thread, goes through it.
+    """
+
+    def __init__(self) -> None:
+        self._services: weakref.WeakSet[Service] = weakref.WeakSet()
+        self._lock = _allocate_lock()
+
+    def add(self, service: Service) -> None:
+        with self._lock:
+            self._services.add(service)
+
+    def discard(self, service: Service) -> None:
+        with self._lock:
+            self._services.discard(service)
+
+    def snapshot(self) -> list[Service]:
+        with self._lock:
+            return list(self._services)
+
+    def forget_lock(self) -> None:
+        """In a forked child: a thread of the parent may have held the lock at the fork."""
+        self._lock = _allocate_lock()
+
+
+_live = _Open()
 
 
 class _AcceptFailed(gevent.GreenletExit):  # type: ignore[misc]
@@ -408,7 +438,8 @@ def _release(sockets: list[socket.socket]) -> None:
 def _detach_inherited() -> None:
     """os.register_at_fork(after_in_child=...): every open service is the parent's."""
     _HubThread.forget()
-    for service in list(_live):
+    _live.forget_lock()
+    for service in _live.snapshot():
         try:
             service._detach()
         except Exception:  # an at-fork hook must not fail the fork
@@ -446,7 +477,7 @@ def _close_live_services() -> None:
     exit but never hangs it.
     """
     deadline = time.monotonic() + EXIT_TIMEOUT
-    for service in sorted(_live, key=lambda s: s._order, reverse=True):
+    for service in sorted(_live.snapshot(), key=lambda s: s._order, reverse=True):
         service._request_close()
         if not service._await_closed(max(deadline - time.monotonic(), 0.0)):
             service._log.warning("still open %g s after exit began; leaving it", EXIT_TIMEOUT)

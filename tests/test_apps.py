@@ -143,6 +143,11 @@ def test_fork_while_a_connection_waits_for_its_handler() -> None:
     assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines
 
 
+def test_exit_hook_while_another_thread_closes_services() -> None:
+    lines = checked(run_app("exit_race.py"))
+    assert all(line.endswith("still open after the hook: 0") for line in lines[:-1]), lines
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_idle_process_uses_no_cpu(mode: str, short_tmp: str) -> None:
     """A bound, not a benchmark: a spinning hub would burn the whole 2 s."""
