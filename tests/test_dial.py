@@ -37,8 +37,8 @@ V4, V6 = socket.AF_INET, socket.AF_INET6
 DELAY = dial.ATTEMPT_DELAY
 
 
-def v4(port: int, host: str = "127.0.0.1") -> dial.Address:
-    return (V4, (host, port))
+def v4(port: int) -> dial.Address:
+    return (V4, ("127.0.0.1", port))
 
 
 def v6(port: int) -> dial.Address:
