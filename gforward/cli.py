@@ -9,7 +9,6 @@ bad arguments (specs, URL, token file included), as argparse does.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -19,20 +18,17 @@ from ._version import __version__
 from .credentials import read_token_file
 from .endpoint import parse_base_url
 from .errors import ForwardError
-from .forwarder import Forwarder, Options, start
+from .forwarder import WILDCARD_WARNING, Forwarder, Options, start
 from .mapping import is_loopback_host, parse_address_mapping
 from .service import serve_until_signalled
 
 PROG = "gforward"
 
 
-def _is_wildcard(spec: str) -> bool:
-    """Whether the spec listens on every interface (0.0.0.0, ::), exposing the VM's port."""
-    host = parse_address_mapping(spec).listen_addr
-    try:
-        return bool(host) and ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
+def _not_said_twice(record: logging.LogRecord) -> bool:
+    """Logging filter: the library's per-listener wildcard warning goes, since announce()
+    below says the same for every listener in one line."""
+    return record.msg != WILDCARD_WARNING
 
 
 def _seconds(text: str, *, zero: bool = False) -> float:
@@ -124,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(format="%(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("gforward").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("gforward").addFilter(_not_said_twice)
     if token and endpoint.scheme == "http" and not is_loopback_host(endpoint.host):
         _warn(f"the token travels unencrypted to {endpoint.describe()}: use https://")
     options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token,
@@ -136,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         """Runs once every listener is bound, so the lines carry the real ports."""
         for listener in forwarder.listeners:
             print(f"{listener.local} -> {args.vm} {listener.remote}", flush=True)
-        exposed = [ln.local for ln in forwarder.listeners if _is_wildcard(ln.spec)]
+        exposed = [ln.local for ln in forwarder.listeners
+                   if parse_address_mapping(ln.spec).listens_everywhere()]
         if exposed:
             _warn(f"listening on all interfaces ({', '.join(exposed)}): anyone who can reach "
                   f"this machine can reach {args.vm}; prefix the spec with 127.0.0.1: to keep "

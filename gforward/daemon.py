@@ -1,8 +1,8 @@
 """The reference daemon: the server side of /vm/{name}/forward, for tests and trials.
 
-It stands in for Slicer's daemon (API.md, "Reference daemon"): it checks the
-bearer token, dials the X-Inlets-Upstream target itself (there is no VM), and
-runs the same Pump as the client, in the server role.  Importable:
+It stands in for Slicer's daemon (the README's "Try it without Slicer"): it
+checks the bearer token, dials the X-Inlets-Upstream target itself (there is
+no VM), and runs the same Pump as the client, in the server role.  Importable:
 
     with gforward.daemon.start(token="t") as daemon:
         gforward.start(base_url=daemon.url, token="t", ...)
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import hmac
+import ipaddress
 import logging
+import posixpath
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 from urllib.parse import unquote
 
 import gevent
@@ -28,20 +30,110 @@ from . import dial, handshake
 from .credentials import read_token_file
 from .errors import ForwardError, SpecError
 from .listen import ListeningSocket, listen_tcp, listen_unix
-from .mapping import (
-    AddressMapping,
-    is_loopback_host,
-    parse_address_mapping,
-    parse_remote_target,
-)
+from .mapping import AddressMapping, join_host_port, parse_address_mapping, parse_remote_target
 from .pump import Pump, open_pump
 from .service import Binder, Connection, Service, serve_until_signalled
 from .tls import TLSChannel
 from .tunnel import Tunnel
 
 HANDSHAKE_TIMEOUT = 10.0  # a client must finish TLS and its upgrade request in this time
-DIAL_TIMEOUT = 10.0  # the upstream must accept within this time
+DIAL_TIMEOUT = 10.0  # seconds for the upstream's name to resolve, and again for it to accept
 _FORWARD_PATH = re.compile(r"(?:/.*)?/vm/([^/?]+)/forward")
+# The host of an --allow pattern: IP address characters and wildcards (a scope after %).
+_PATTERN_HOST = re.compile(r"[0-9A-Fa-f.:*?]+(?:%.*)?")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An upstream as it will be dialled: a normalised unix path, or the addresses its
+    host resolved to (once: these are dialled, with no second lookup in between)."""
+
+    header: str  # the X-Inlets-Upstream value asked for
+    unix_path: str = ""
+    addresses: tuple[dial.Address, ...] = ()
+
+    def remote_target(self) -> str:
+        """The X-Inlets-Upstream value, as AddressMapping.remote_target() gives it."""
+        return self.header
+
+    def targets(self) -> list[str]:
+        """What --allow patterns are matched against: "unix:/path", or "host:port" for
+        each address (IPv6 in brackets, in its shortest form)."""
+        if self.unix_path:
+            return ["unix:" + self.unix_path]
+        return [join_host_port(_canonical_ip(sockaddr[0]), sockaddr[1])
+                for _, sockaddr in self.addresses]
+
+    def is_local(self) -> bool:
+        """The default policy: a unix path, or a host whose every address is loopback."""
+        if self.unix_path:
+            return True
+        return bool(self.addresses) and all(
+            ipaddress.ip_address(sockaddr[0]).is_loopback for _, sockaddr in self.addresses)
+
+    def dial(self, track: Callable[[socket.socket], None]) -> socket.socket:
+        """A socket connected to the path or to one of the addresses that were checked."""
+        if self.unix_path:
+            return dial.connect("", 0, self.unix_path, track)
+        return dial.connect_any(self.addresses, track)
+
+
+def resolve_upstream(mapping: AddressMapping) -> Upstream:
+    """The Upstream a parsed X-Inlets-Upstream value names; OSError if its host does not
+    resolve (within DIAL_TIMEOUT)."""
+    if mapping.remote_unix():
+        return Upstream(mapping.raw_spec, unix_path=normalise_path(mapping.remote_unix_path))
+    failure = OSError(f"no address for {mapping.remote_host} within {DIAL_TIMEOUT:g} s")
+    with gevent.Timeout(DIAL_TIMEOUT, failure):
+        addresses = dial.resolve(mapping.remote_host, mapping.remote_port)
+    return Upstream(mapping.raw_spec, addresses=tuple(addresses))
+
+
+def normalise_path(path: str) -> str:
+    """An absolute path without "." or ".." parts or repeated slashes, as the kernel reads
+    it, so that no ".." leads out of a pattern's directory.  Lexical: a symbolic link
+    is followed when dialled, as with any path."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def _canonical_ip(text: str) -> str:
+    """An IP address in its one usual spelling (IPv6 shortest, lower case); else `text`."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """An --allow pattern as a regular expression for `fullmatch`.
+
+    `*` and `?` are the only wildcards: `[` and `]` are literal, since they bracket
+    IPv6 addresses.  A literal address is put in its usual spelling and a unix path
+    normalised, as the targets are.  A host that cannot be an address (a name) is a
+    ValueError: names match only through the addresses they resolve to.
+    """
+    if pattern.startswith("unix:"):
+        normalised = "unix:" + normalise_path(pattern[len("unix:"):])
+    elif pattern == "*":
+        normalised = pattern
+    else:
+        host, colon, port = pattern.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        bare = host[1:-1] if bracketed else host
+        if not colon or not _PATTERN_HOST.fullmatch(bare):
+            raise ValueError(f"--allow pattern {pattern!r}: expected ADDRESS:PORT, [IPV6]:PORT, "
+                             "unix:/PATH or *; names are matched through their addresses, "
+                             "so a pattern names addresses")
+        address = _canonical_ip(bare)
+        bracketed = bracketed or ":" in address
+        normalised = f"[{address}]:{port}" if bracketed else f"{address}:{port}"
+    wildcards = {"*": ".*", "?": "."}
+    return re.compile("".join(wildcards.get(c) or re.escape(c) for c in normalised), re.DOTALL)
+
+
+def allowed(targets: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> bool:
+    """Whether every target (every address a name resolved to) matches some pattern."""
+    return bool(targets) and all(any(p.fullmatch(t) for p in patterns) for t in targets)
 
 
 class Daemon(Service):
@@ -60,7 +152,7 @@ class Daemon(Service):
     ) -> None:
         super().__init__(logger or logging.getLogger("gforward.daemon"))
         self._token = token
-        self._allow = list(allow)
+        self._allow = [compile_pattern(pattern) for pattern in allow]
         self._tls: ssl.SSLContext | None = None
         if tls_cert:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -116,8 +208,7 @@ class Daemon(Service):
         if upstream is not None:
             try:
                 with gevent.Timeout(DIAL_TIMEOUT, ForwardError("timed out")):
-                    plain = dial.connect(upstream.remote_host, upstream.remote_port,
-                                         upstream.remote_unix_path, connection.add)
+                    plain = upstream.dial(connection.add)
             except (ForwardError, OSError) as exc:
                 status, detail = 502, f"cannot dial {upstream.remote_target()}: {exc}"
         if status != 101:
@@ -133,10 +224,10 @@ class Daemon(Service):
 
         def ended(pump: Pump) -> None:
             connection.done()
-            self._log.log(logging.ERROR if pump.exception else logging.DEBUG,
-                          "tunnel to %s closed (%d bytes up, %d down): %s", detail,
-                          pump.tunnel.received, pump.tunnel.sent, pump.tunnel.outcome,
-                          exc_info=pump.exception)
+            self._log_soon(logging.ERROR if pump.exception else logging.DEBUG,
+                           "tunnel to %s closed (%d bytes up, %d down): %s", detail,
+                           pump.tunnel.received, pump.tunnel.sent, pump.tunnel.outcome,
+                           exc_info=pump.exception)
 
         pump = open_pump(plain, stream, Tunnel(client=False), ended)
         connection.open(pump)
@@ -151,10 +242,9 @@ class Daemon(Service):
         stream.close()
         connection.done()
 
-    def _authorize(
-        self, request: handshake.UpgradeRequest
-    ) -> tuple[int, str, AddressMapping | None]:
-        """Status, reason and upstream for one upgrade request."""
+    def _authorize(self, request: handshake.UpgradeRequest) -> tuple[int, str, Upstream | None]:
+        """Status, reason and upstream for one upgrade request (looked up only once the
+        token is right)."""
         match = _FORWARD_PATH.fullmatch(request.target.split("?", 1)[0])
         if match is None:
             return 404, f"no such endpoint {request.target!r}", None
@@ -163,18 +253,21 @@ class Daemon(Service):
             return 401, "missing or wrong bearer token", None
         target = request.headers.get("x-inlets-upstream", "")
         try:
-            upstream = parse_remote_target(target)
+            upstream = resolve_upstream(parse_remote_target(target))
         except SpecError as exc:
             return 400, str(exc), None
+        except OSError as exc:  # a name with no address can match nothing
+            return 403, f"upstream {target!r} is not allowed: {exc}", None
         if not self._allowed(upstream):
-            return 403, f"upstream {target!r} is not allowed", None
+            dialled = ", ".join(upstream.targets())
+            shown = "" if dialled == target else f" ({dialled})"
+            return 403, f"upstream {target!r}{shown} is not allowed", None
         return 101, f"{upstream.remote_target()} for vm {unquote(match.group(1))}", upstream
 
-    def _allowed(self, upstream: AddressMapping) -> bool:
+    def _allowed(self, upstream: Upstream) -> bool:
         if self._allow:
-            target = upstream.remote_target()
-            return any(fnmatch.fnmatchcase(target, pattern) for pattern in self._allow)
-        return upstream.remote_unix() or is_loopback_host(upstream.remote_host)
+            return allowed(upstream.targets(), self._allow)
+        return upstream.is_local()
 
 
 def _listen_address(text: str) -> AddressMapping:
@@ -209,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-cert", metavar="C", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="K", help="the certificate's private key")
     parser.add_argument("--allow", action="append", default=[], metavar="PATTERN",
-                        help="glob of allowed upstreams, e.g. '127.0.0.1:*' (default: loopback"
-                             " and unix paths)")
+                        help="allowed upstreams, with * and ? as wildcards, e.g. '127.0.0.1:*', "
+                             "'[::1]:80', 'unix:/run/*' (default: loopback and unix paths); "
+                             "a name is allowed when every address it resolves to is")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every tunnel")
     args = parser.parse_args(argv)
     if not args.listen and not args.unix:
@@ -221,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = read_token_file(args.token_file) if args.token_file else args.token
         for address in args.listen:
             _listen_address(address)  # a bad one is a usage error, before anything binds
+        for pattern in args.allow:
+            compile_pattern(pattern)  # likewise
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -8,11 +8,16 @@ One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import ssl
+import time
+from collections.abc import Sequence
 from typing import Any, Callable, Union
 
 import gevent
 from gevent import socket
+from gevent.event import AsyncResult
+from gevent.queue import Empty, Queue
 
 from .endpoint import Endpoint
 from .errors import ForwardError
@@ -23,7 +28,11 @@ from .tls import TLSChannel
 RECV_SIZE = 64 * 1024
 _NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 REFUSAL_BODY_WAIT = 1.0  # seconds to wait for the start of a refusal's body
+ATTEMPT_DELAY = 0.25  # seconds an attempt to connect has alone: RFC 8305's recommended value
+
 Stream = Union[socket.socket, TLSChannel]  # what the upgrade ran over, for the pump
+Address = tuple[int, Any]  # (address family, socket address), as getaddrinfo gives them
+_lookups: dict[tuple[Any, str, int], AsyncResult] = {}  # lookups under way, per hub and name
 
 
 class DialError(ForwardError):
@@ -147,35 +156,135 @@ def connect(
 ) -> socket.socket:
     """A connected stream socket to a unix path (when given) or to host:port."""
     if unix_path:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        track(sock)
-        try:
-            sock.connect(unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, addr in _addresses(host, port):
-        sock = socket.socket(family, kind, proto)
-        track(sock)
-        try:
-            sock.connect(addr)
-        except OSError as exc:
-            error = exc
-            sock.close()
-            continue
-        set_nodelay(sock)
-        return sock
-    raise error
+        return _attempt((socket.AF_UNIX, unix_path), track)
+    return connect_any(resolve(host, port), track)
 
 
-def _addresses(host: str, port: int) -> list[tuple[int, int, int, Any]]:
-    """Where host:port is; an IP literal needs no lookup (gevent resolves in a thread pool,
-    which costs a fifth of a tunnel's setup on loopback)."""
+def connect_any(addresses: Sequence[Address], track: Callable[[socket.socket], None]
+                ) -> socket.socket:
+    """A TCP socket connected to the first of `addresses` that accepts ("Happy Eyeballs").
+
+    As RFC 8305 (sections 4 and 5) has it: the address families take turns, and each
+    attempt has ATTEMPT_DELAY to itself before the next one starts beside it (at once
+    if it failed first), so a blackholed address costs a quarter of a second, not the
+    whole dial.  The first connection wins.  Every other socket is closed here before
+    returning or raising, whatever ended the race (a timeout of the caller's included),
+    never left to the garbage collector.
+    """
+    ordered = interleave(addresses)
+    sock = _attempt(ordered[0], track) if len(ordered) == 1 else _race(ordered, track)
+    set_nodelay(sock)
+    return sock
+
+
+def interleave(addresses: Sequence[Address]) -> list[Address]:
+    """`addresses` (in the resolver's order of preference) with the families taking turns,
+    the first address's family first; duplicates dropped."""
+    by_family: dict[int, list[Address]] = {}
+    for address in dict.fromkeys(addresses):
+        by_family.setdefault(address[0], []).append(address)
+    turns = itertools.zip_longest(*by_family.values())
+    return [address for turn in turns for address in turn if address is not None]
+
+
+def _attempt(address: Address, track: Callable[[socket.socket], None]) -> socket.socket:
+    """One connection attempt; its socket is closed if it fails or is interrupted."""
+    family, sockaddr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    track(sock)
+    try:
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _race(ordered: list[Address], track: Callable[[socket.socket], None]) -> socket.socket:
+    """connect_any() over several addresses: one greenlet per attempt, started in turn."""
+    outcomes: Queue[tuple[int, socket.socket | None, OSError | None]] = Queue()
+    opened: list[socket.socket] = []
+    attempts: list[gevent.Greenlet] = []
+    winner: socket.socket | None = None
+
+    def keep(sock: socket.socket) -> None:
+        opened.append(sock)
+        track(sock)
+
+    def attempt(index: int, address: Address) -> None:
+        try:
+            outcomes.put((index, _attempt(address, keep), None))
+        except OSError as exc:  # closing its socket below ends a losing attempt this way
+            outcomes.put((index, None, exc))
+
+    error = OSError("no address to connect to")
+    running = 0
+    try:
+        for index, address in enumerate(ordered):
+            attempts.append(gevent.spawn(attempt, index, address))
+            running += 1
+            last = index == len(ordered) - 1
+            deadline = time.monotonic() + ATTEMPT_DELAY
+            while running:
+                try:
+                    done, sock, exc = outcomes.get(
+                        timeout=None if last else max(deadline - time.monotonic(), 0.0))
+                except Empty:
+                    break  # its time alone is over: the next attempt starts beside it
+                running -= 1
+                if sock is not None:
+                    winner = sock
+                    return sock
+                assert exc is not None
+                error = exc
+                if done == index and not last:
+                    break  # the newest attempt failed: the next one need not wait
+        raise error
+    finally:
+        gevent.killall(attempts, block=False)  # one not started yet never runs
+        for sock in opened:
+            if sock is not winner:
+                sock.close()
+
+
+def resolve(host: str, port: int) -> list[Address]:
+    """Where host:port is, in the resolver's order of preference.
+
+    An IP literal needs no lookup (gevent resolves in a thread pool, which costs
+    a fifth of a tunnel's setup on loopback).  Dials of one name at the same time
+    share one lookup: a resolver that hangs then holds one thread of gevent's
+    pool, however many tunnels wait for it (each gives up at its own bound).
+    """
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return [info[:3] + info[4:] for info in
-                socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)]
-    return [(family, socket.SOCK_STREAM, 0, (host, port))]
+        return [(info[0], info[4]) for info in _shared_lookup(host, port)]
+    return [(family, (host, port))]
+
+
+def _shared_lookup(host: str, port: int) -> list[Any]:
+    """getaddrinfo for TCP, joining a lookup of the same name that is already under way
+    in this hub (a hub's greenlets wait only on their own hub's objects)."""
+    key = (gevent.get_hub(), host, port)
+    pending = _lookups.get(key)
+    if pending is None:
+        pending = _lookups[key] = AsyncResult()
+        gevent.spawn(_look_up, key, pending)
+    infos, error = pending.get()
+    if error is not None:
+        raise error.with_traceback(None)  # one error for every waiter: no traceback piles up
+    return list(infos)
+
+
+def _look_up(key: tuple[Any, str, int], result: AsyncResult) -> None:
+    """The lookup that `_shared_lookup` callers wait for; it runs to its end even when they
+    all gave up, then makes way for the next."""
+    _, host, port = key
+    try:
+        result.set((socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), None))
+    except OSError as exc:
+        result.set(((), exc))
+    except UnicodeError as exc:  # a name IDNA cannot encode ("a..b"): no such host
+        result.set(((), socket.gaierror(socket.EAI_NONAME, f"invalid host name: {exc}")))
+    finally:
+        del _lookups[key]

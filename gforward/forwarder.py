@@ -1,8 +1,8 @@
 """`start()` and the Forwarder: listeners, and the life of one local connection.
 
 Each accepted connection gets its own WebSocket to the daemon, as the Go
-package does (forward-package-doc.txt, "Overview"); `_serve_connection`
-below is that whole life, top to bottom: dial, upgrade, pump, log.
+`forward` package does; `_serve_connection` below is that whole life, top to
+bottom: dial, upgrade, pump, log.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from .proxy import ConnectHandshake, Proxy, select_proxy
 from .pump import Pump, open_pump
 from .service import Binder, Connection, Service
 from .tunnel import Tunnel
+
+# Logged once per listener that binds every interface (the command line prints its own line).
+WILDCARD_WARNING = ("listening on all interfaces (%s): anyone who can reach this machine can "
+                    "reach vm %s; prefix the spec with 127.0.0.1: to keep it local")
 
 
 @dataclass
@@ -142,6 +146,8 @@ class Forwarder(Service):
             self.listeners.append(listener)
             self._log.info("listening on %s -> vm %s %s", listener.local,
                            self._settings.vm_name, listener.remote)
+            if mapping.listens_everywhere():
+                self._log.warning(WILDCARD_WARNING, listener.local, self._settings.vm_name)
 
             def handle(local: socket.socket, address: Any) -> None:
                 self._serve_connection(listener, upgrade, local, address)
@@ -180,11 +186,11 @@ class Forwarder(Service):
         def ended(pump: Pump) -> None:
             connection.done()
             failed = pump.tunnel.failed and not connection.aborted
-            self._log.log(logging.ERROR if pump.exception else
-                          logging.WARNING if failed else logging.DEBUG,
-                          "tunnel %s closed (%d bytes up, %d down): %s",
-                          _tunnel_name(listener, address), pump.tunnel.sent,
-                          pump.tunnel.received, pump.tunnel.outcome, exc_info=pump.exception)
+            self._log_soon(logging.ERROR if pump.exception else
+                           logging.WARNING if failed else logging.DEBUG,
+                           "tunnel %s closed (%d bytes up, %d down): %s",
+                           _tunnel_name(listener, address), pump.tunnel.sent,
+                           pump.tunnel.received, pump.tunnel.outcome, exc_info=pump.exception)
 
         pump = open_pump(local, stream, tunnel, ended)
         connection.open(pump)

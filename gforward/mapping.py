@@ -1,8 +1,8 @@
 """Parse ``-L``-style forwarding specs into :class:`AddressMapping`.
 
 The accepted formats and field meanings follow ``ParseAddressMapping`` in the
-Go ``forward`` package (see ``forward-package-doc.txt``). One addition: a unix
-listener forwarding to a TCP remote (``/tmp/web.sock:127.0.0.1:8080``), which
+Go ``forward`` package (the README's "Specs" table lists them). One addition: a
+unix listener forwarding to a TCP remote (``/tmp/web.sock:127.0.0.1:8080``), which
 the Go parser rejects but Slicer's documentation promises. IPv6 hosts are
 written in brackets, as ssh does (``[::1]:8080:[::1]:80``).
 """
@@ -56,6 +56,14 @@ class AddressMapping:
         if self.listen_unix():
             return self.listen_unix_path
         return join_host_port(self.listen_addr, self.listen_port)
+
+    def listens_everywhere(self) -> bool:
+        """Whether the listener binds every interface (0.0.0.0, ::): other machines can
+        reach the VM's port through it."""
+        try:
+            return bool(self.listen_addr) and ipaddress.ip_address(self.listen_addr).is_unspecified
+        except ValueError:
+            return False
 
     def canonical_spec(self) -> str:
         """Fully explicit ``LISTEN:REMOTE`` form, so logs show what was really meant."""

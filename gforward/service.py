@@ -61,7 +61,6 @@ EXIT_TIMEOUT = 10.0  # how long the exit hook waits for open services to close
 
 _allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
 _thread_id = gevent.monkey.get_original("_thread", "get_ident")  # per OS thread, even patched
-_live: weakref.WeakSet[Service] = weakref.WeakSet()
 _orphans: list[Service] = []  # detached in a forked child, their hub gone: never freed
 _opened = itertools.count()  # the order services opened in, for closing them at exit
 
@@ -88,6 +87,37 @@ class _Latch:
             self._lock.release()
             return True
         return self.is_set
+
+
+class _Open:
+    """The services open in this process, for the exit hook and the fork hook.
+
+    A weak set behind a lock: a hub thread drops a service from it when it closes,
+    maybe while the exit hook, in another thread, goes through it.
+    """
+
+    def __init__(self) -> None:
+        self._services: weakref.WeakSet[Service] = weakref.WeakSet()
+        self._lock = _allocate_lock()
+
+    def add(self, service: Service) -> None:
+        with self._lock:
+            self._services.add(service)
+
+    def discard(self, service: Service) -> None:
+        with self._lock:
+            self._services.discard(service)
+
+    def snapshot(self) -> list[Service]:
+        with self._lock:
+            return list(self._services)
+
+    def forget_lock(self) -> None:
+        """In a forked child: a thread of the parent may have held the lock at the fork."""
+        self._lock = _allocate_lock()
+
+
+_live = _Open()
 
 
 class _AcceptFailed(gevent.GreenletExit):  # type: ignore[misc]
@@ -289,6 +319,14 @@ class Service:
 
         return handle
 
+    def _log_soon(self, level: int, message: str, *args: Any,
+                  exc_info: BaseException | None = None) -> None:
+        """Log from a greenlet of its own.  Tunnels end in the hub's callbacks, where a log
+        handler must neither block the hub nor switch (a network handler in a patched app
+        would, and one that calls close() waits for the hub)."""
+        if self._log.isEnabledFor(level):
+            gevent.spawn(self._log.log, level, message, *args, exc_info=exc_info)
+
     # Closing --------------------------------------------------------------
 
     def close(self) -> None:
@@ -318,7 +356,13 @@ class Service:
     def _request_close(self) -> None:
         """Start closing without waiting for it, from any thread."""
         if _thread_id() == self._hub_thread:
-            self._begin_close(spare=gevent.getcurrent())
+            # One of our own handlers (a log handler's close(), say) then waits for the
+            # others to end, and could never end first: the teardown must not wait for it.
+            current = gevent.getcurrent()
+            assert self._pool is not None
+            if current in self._pool:
+                self._pool.discard(current)
+            self._begin_close()
         else:
             self._hub.loop.run_callback_threadsafe(self._begin_close)
 
@@ -328,12 +372,12 @@ class Service:
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
 
-    def _begin_close(self, spare: Any = None) -> None:
+    def _begin_close(self) -> None:
         if not self._closing:
             self._closing = True
-            gevent.spawn(self._teardown, spare)
+            gevent.spawn(self._teardown)
 
-    def _teardown(self, spare: Any) -> None:
+    def _teardown(self) -> None:
         """In the hub: listeners first, so nothing new arrives, then connections."""
         for server in self._servers:
             server.close()
@@ -345,9 +389,8 @@ class Service:
         for connection in list(self._connections):
             connection.abort()
         assert self._pool is not None
-        handlers = [g for g in self._pool if g is not spare]
-        late = [g for g in handlers if g not in gevent.joinall(handlers, timeout=JOIN_TIMEOUT)]
-        if late:
+        if not self._pool.join(timeout=JOIN_TIMEOUT):
+            late = list(self._pool)
             self._log.warning("%d connection(s) did not end in time; killing them", len(late))
             gevent.killall(late, timeout=JOIN_TIMEOUT)
         _live.discard(self)
@@ -376,7 +419,7 @@ class Service:
         handlers = list(self._pool or ())
         sockets = [listening.sock for listening in self._listening]
         sockets += [sock for connection in self._connections for sock in connection.sockets]
-        sockets += [g.args[0] for g in handlers if g.args and isinstance(g.args[0], socket.socket)]
+        sockets += [sock for handler in handlers for sock in _accepted_sockets(handler)]
         _release(sockets)
         if self._hub_thread == _thread_id():
             for server in self._servers:
@@ -405,6 +448,13 @@ class Service:
         self.close()
 
 
+def _accepted_sockets(handler: Any) -> list[socket.socket]:
+    """The accepted socket a handler greenlet holds before it has run: gevent's servers
+    spawn it as (handle, close, (socket, address)), so the socket is one level down."""
+    return [item for arg in handler.args if isinstance(arg, tuple)
+            for item in arg if isinstance(item, socket.socket)]
+
+
 def _release(sockets: list[socket.socket]) -> None:
     """Drop this process's hold on sockets it shares with its parent, now.
 
@@ -426,7 +476,8 @@ def _release(sockets: list[socket.socket]) -> None:
 def _detach_inherited() -> None:
     """os.register_at_fork(after_in_child=...): every open service is the parent's."""
     _HubThread.forget()
-    for service in list(_live):
+    _live.forget_lock()
+    for service in _live.snapshot():
         try:
             service._detach()
         except Exception:  # an at-fork hook must not fail the fork
@@ -464,7 +515,7 @@ def _close_live_services() -> None:
     exit but never hangs it.
     """
     deadline = time.monotonic() + EXIT_TIMEOUT
-    for service in sorted(_live, key=lambda s: s._order, reverse=True):
+    for service in sorted(_live.snapshot(), key=lambda s: s._order, reverse=True):
         service._request_close()
         if not service._await_closed(max(deadline - time.monotonic(), 0.0)):
             service._log.warning("still open %g s after exit began; leaving it", EXIT_TIMEOUT)

@@ -29,7 +29,7 @@
   the payload `gws-ping-<n>`, waits for the pong and sends back
   `pong:<its payload>`, then echoes; `bye` sends `bye` and closes at once.
   Paths outside `{prefix}/vm/*/forward` get a plain 404, never an upgrade.
-  Keep its payloads small: its masking runs at a few MB/s (gevent-notes.md).
+  Keep its payloads small: its masking runs at a few MB/s.
 """
 
 from __future__ import annotations
@@ -882,9 +882,12 @@ class Programs:
         self._all.append(program)
         return program
 
-    def daemon(self, *args: str, listeners: int = 1) -> tuple[Program, list[str]]:
-        """`python -m gforward.daemon ARGS`, once it has announced its `listeners` URLs."""
-        program = self.run(sys.executable, "-m", "gforward.daemon", *args)
+    def daemon(self, *args: str, listeners: int = 1,
+               env: dict[str, str] | None = None) -> tuple[Program, list[str]]:
+        """`python -m gforward.daemon ARGS`, once it has announced its `listeners` URLs;
+        `env` is added to a clean environment."""
+        program = self.run(sys.executable, "-m", "gforward.daemon", *args,
+                           env=clean_env(**(env or {})))
         urls = []
         for _ in range(listeners):
             line = program.readline()

@@ -7,16 +7,20 @@ Nothing here is a test module's own: a helper that one module alone uses stays t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import random
 import re
 import shutil
 import socket
 import ssl
 import sys
+import sysconfig
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -26,6 +30,7 @@ import gforward
 import gforward.daemon
 from tests.peers import (
     READ_TIMEOUT,
+    ROOT,
     Peer,
     Program,
     Programs,
@@ -196,6 +201,48 @@ def can_bind(port: int) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def blackhole(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A loopback port that never answers a SYN; yields its number.
+
+    An address that drops packets, made on loopback: a listener that never
+    accepts, with a backlog of 0, whose accept queue is then filled.  The kernel
+    drops the SYNs of every further connection, whose connect() retransmits until
+    its own timeout, as towards a dead host.  Checked before it is handed out.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    queued: list[socket.socket] = []
+    try:
+        listener.bind((host, port))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            probe = socket.socket(family, socket.SOCK_STREAM)
+            probe.settimeout(0.3)
+            try:
+                probe.connect((host, port))
+            except socket.timeout:
+                probe.close()
+                break  # its SYN went unanswered: the queue is full
+            queued.append(probe)  # it got in: one place less in the queue
+        else:
+            raise RuntimeError(f"{host}:{port} still accepts with a full backlog")
+        yield port
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
+
+
+def resolver_env(hosts: Path) -> dict[str, str]:
+    """Environment for a program whose name lookups are answered by the hosts-style file
+    `hosts` alone (tests/resolver.py)."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {"GEVENT_RESOLVER": "tests.resolver.HostsFile", "GFORWARD_TEST_HOSTS": str(hosts),
+            "PYTHONPATH": path}
+
+
 def ipv6_loopback() -> bool:
     """Whether this machine can bind ::1."""
     try:
@@ -270,10 +317,15 @@ CLI_LINE = re.compile(r"(\S+) -> (\S+) (\S+)")
 
 def gforward_cli(programs: Programs, *args: str, env: dict[str, str] | None = None,
                  script: bool = False) -> Program:
-    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set."""
+    """`python -m gforward ARGS` (or the `gforward` console script) with only `env` set.
+
+    The script is the one installed for this interpreter (a venv's bin/), not whatever
+    `gforward` PATH holds: the tests run with a venv's python that need not be activated.
+    """
     if script:
-        found = shutil.which("gforward")
-        assert found, "the gforward console script is not on PATH: pip install -e ."
+        scripts = sysconfig.get_path("scripts")
+        found = shutil.which("gforward", path=scripts)
+        assert found, f"no gforward console script in {scripts}: pip install -e ."
         command = [found]
     else:
         command = [sys.executable, "-m", "gforward"]

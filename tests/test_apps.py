@@ -1,4 +1,4 @@
-"""Every kind of synchronous app, under stress (issue 6): whole apps run as subprocesses.
+"""Every kind of synchronous app, under stress: whole apps run as subprocesses.
 
 Each test runs one script of tests/apps/ (plain, gevent-patched, or both),
 which prints what it checked and exits 0 only if every check held; the test
@@ -136,6 +136,16 @@ def test_prefork_workers(mode: str, short_tmp: str) -> None:
     assert line_with(lines, "parent: workers exited 0: True").endswith(
         "of the forwarders they left open: True")
     assert os.listdir(short_tmp) == []
+
+
+def test_fork_while_a_connection_waits_for_its_handler() -> None:
+    lines = checked(run_app("fork_pending.py"))
+    assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines
+
+
+def test_exit_hook_while_another_thread_closes_services() -> None:
+    lines = checked(run_app("exit_race.py"))
+    assert all(line.endswith("still open after the hook: 0") for line in lines[:-1]), lines
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -209,6 +209,7 @@ def test_wildcard_listener_warns_once(programs: Programs) -> None:
     [warning] = _warnings(cli)
     assert "all interfaces" in warning
     assert all(local in warning for local, _, _ in lines)
+    assert cli.stderr.count("all interfaces") == 1, cli.stderr  # not the library's lines too
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
@@ -224,6 +225,7 @@ def test_ipv6_wildcard_listener_warns(programs: Programs) -> None:
     assert cli.stop() == 0
     [warning] = _warnings(cli)
     assert "all interfaces" in warning
+    assert cli.stderr.count("all interfaces") == 1, cli.stderr
 
 
 def test_token_over_plain_http_to_another_host_warns(programs: Programs) -> None:

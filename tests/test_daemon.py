@@ -1,17 +1,23 @@
 """The reference daemon as users run it (`python -m gforward.daemon`) and as they import it.
 
 Loopback only: refused upstreams use documentation and private addresses
-that the daemon must turn down before it dials anything.
+that the daemon must turn down before it dials anything, and the names a
+daemon looks up are answered by a hosts-style file the test writes
+(tests/resolver.py), never by a DNS server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,8 +25,18 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.peers import READ_TIMEOUT, Programs
-from tests.support import cert_files, closed_port, echo_once, forward, local_address, refused
+import gforward.service
+from tests.peers import READ_TIMEOUT, Guest, Programs, echo_until_eof
+from tests.resolver import Scripted
+from tests.support import (
+    cert_files,
+    closed_port,
+    echo_once,
+    forward,
+    local_address,
+    refused,
+    resolver_env,
+)
 
 TOKEN = "daemon-token-7c1e"
 
@@ -63,6 +79,13 @@ def forward_echo(base_url: str, upstream: str, *, token: str = "",
     """Send `payload` through gforward (in-process) and the daemon to `upstream`."""
     with forward(base_url, upstream, token=token) as fwd:
         return echo_once(local_address(fwd), payload)
+
+
+def hosts(directory: Path, text: str) -> dict[str, str]:
+    """Environment for a daemon whose lookups are answered by the hosts-style `text` alone."""
+    path = directory / "hosts"
+    path.write_text(text)
+    return resolver_env(path)
 
 
 def tunnel_fails(base_url: str, upstream: str, *, token: str = "") -> bool:
@@ -117,9 +140,9 @@ def test_502_with_a_reason_when_the_upstream_cannot_be_dialled(programs: Program
 
 @pytest.mark.parametrize("upstream", ["10.0.0.1:80", "192.0.2.1:22", "[2001:db8::1]:80",
                                       "slicer.invalid:80"])
-def test_non_loopback_upstreams_are_refused_before_any_dial(programs: Programs,
+def test_non_loopback_upstreams_are_refused_before_any_dial(programs: Programs, tmp_path: Path,
                                                             upstream: str) -> None:
-    _, [url] = programs.daemon("--listen", "127.0.0.1:0")
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", env=hosts(tmp_path, ""))
     began = time.monotonic()
     status, body = upgrade(url, upstream)
     assert status == 403, body
@@ -137,12 +160,13 @@ def test_loopback_and_unix_upstreams_are_allowed_by_default(
 
 
 def test_allow_patterns_replace_the_default(
-    programs: Programs, echo_server: str, unix_echo_server: str
+    programs: Programs, echo_server: str, unix_echo_server: str, tmp_path: Path
 ) -> None:
-    _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "127.0.0.1:*")
+    env = hosts(tmp_path, "127.0.0.1 localhost\n::1 localhost\n")
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "127.0.0.1:*", env=env)
     port = echo_server.rsplit(":", 1)[1]
     assert forward_echo(url, echo_server, payload=b"allowed") == b"allowed"
-    assert upgrade(url, f"localhost:{port}")[0] == 403
+    assert upgrade(url, f"localhost:{port}")[0] == 403  # ::1, one of its addresses, is not
     assert upgrade(url, f"unix:{unix_echo_server}")[0] == 403
     assert upgrade(url, "10.0.0.1:80")[0] == 403
 
@@ -151,6 +175,141 @@ def test_allow_can_open_a_non_loopback_pattern_only(programs: Programs) -> None:
     _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "192.0.2.7:9")
     assert upgrade(url, "192.0.2.8:9")[0] == 403
     assert upgrade(url, "127.0.0.1:9")[0] == 403
+
+
+# --allow: what is dialled, not how it is spelled ---------------------------
+
+
+@pytest.mark.parametrize(("path", "normalised"), [
+    ("/run/guest.sock", "/run/guest.sock"),
+    ("/srv/../var/run/docker.sock", "/var/run/docker.sock"),
+    ("/srv/./a//b.sock", "/srv/a/b.sock"),
+    ("//srv/a.sock", "/srv/a.sock"),
+    ("/../../etc/x.sock", "/etc/x.sock"),
+])
+def test_unix_paths_are_normalised(path: str, normalised: str) -> None:
+    assert gforward.daemon.normalise_path(path) == normalised
+
+
+@pytest.mark.parametrize(("pattern", "target", "matches"), [
+    ("[::1]:*", "[::1]:80", True),
+    ("[::1]:*", "1:80", False),  # brackets are not a glob class of ':' and '1'
+    ("[::1]:*", ":80", False),
+    ("[0:0::1]:80", "[::1]:80", True),  # the same address, spelled differently
+    ("[FE80::1]:*", "[fe80::1]:22", True),
+    ("[*]:*", "[2001:db8::1]:22", True),
+    ("[*]:*", "192.0.2.1:22", False),
+    ("10.0.0.*:*", "10.0.0.5:22", True),
+    ("10.0.0.*:*", "110.0.0.5:22", False),
+    ("127.0.0.?:80", "127.0.0.5:80", True),
+    ("127.0.0.?:80", "127.0.0.15:80", False),
+    ("unix:/srv/*", "unix:/srv/a.sock", True),
+    ("unix:/srv/*", "unix:/srvx/a.sock", False),
+    ("unix://srv/./x/../*", "unix:/srv/a.sock", True),
+    ("*", "unix:/anything", True),
+])
+def test_patterns_with_literal_brackets(pattern: str, target: str, matches: bool) -> None:
+    assert bool(gforward.daemon.compile_pattern(pattern).fullmatch(target)) is matches
+
+
+def test_every_address_of_a_name_must_be_allowed() -> None:
+    patterns = [gforward.daemon.compile_pattern("127.0.0.1:*")]
+    assert gforward.daemon.allowed(["127.0.0.1:80"], patterns)
+    assert not gforward.daemon.allowed(["127.0.0.1:80", "[::1]:80"], patterns)
+    assert not gforward.daemon.allowed([], patterns)  # a name without addresses
+
+
+@pytest.mark.parametrize("pattern", ["localhost:*", "db.internal:5432", "*.example.com:*",
+                                     "8080", ":80"])
+def test_a_pattern_that_names_a_host_is_a_usage_error(programs: Programs, pattern: str) -> None:
+    daemon = programs.run(sys.executable, "-m", "gforward.daemon", "--listen", "127.0.0.1:0",
+                          "--allow", pattern)
+    assert daemon.finish() == 2
+    assert "--allow pattern" in daemon.stderr.strip().splitlines()[-1], daemon.stderr
+    with pytest.raises(ValueError, match="names are matched through their addresses"):
+        gforward.daemon.start(allow=[pattern])
+
+
+@dataclass
+class Patterned:
+    """A daemon with --allow 10.0.0.*:*, [::1]:*, unix:INSIDE/* and ECHO (an echo guest's
+    "127.0.0.1:port"), whose lookups know only 10.0.0.attacker.example, 1 and guest.test,
+    all 127.0.0.1; a unix echo guest in INSIDE and another beside it."""
+
+    url: str
+    inside: str
+    echo: str
+
+
+@pytest.fixture(scope="module")
+def patterned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Patterned]:
+    directory = Path(tempfile.mkdtemp(prefix="gf-", dir="/tmp"))  # short: unix socket paths
+    inside = str(directory / "allowed")
+    os.mkdir(inside)
+    env = hosts(tmp_path_factory.mktemp("hosts"),
+                "127.0.0.1 10.0.0.attacker.example 1 guest.test\n")
+    programs = Programs()
+    try:
+        with Guest(echo_until_eof) as echo, Guest(echo_until_eof, f"{inside}/guest.sock"), \
+                Guest(echo_until_eof, str(directory / "secret.sock")):
+            _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "10.0.0.*:*",
+                                       "--allow", "[::1]:*", "--allow", f"unix:{inside}/*",
+                                       "--allow", echo.target, env=env)
+            yield Patterned(url, inside, echo.target)
+    finally:
+        programs.close()
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("bypass", [
+    pytest.param("10.0.0.attacker.example:{hole}", id="a name spelled like allowed addresses"),
+    pytest.param("1:{hole}", id="brackets read as a glob class"),
+    pytest.param("unix:{inside}/../secret.sock", id="dot-dot out of an allowed directory"),
+])
+def test_allow_is_not_bypassed(patterned: Patterned, bypass: str) -> None:
+    """Each is refused before any dial (the names resolve to 127.0.0.1, which no pattern
+    allows on that port)."""
+    upstream = bypass.format(hole=closed_port(), inside=patterned.inside)
+    status, body = upgrade(patterned.url, upstream)
+    assert status == 403, body
+
+
+def test_allow_still_allows_what_it_names(patterned: Patterned) -> None:
+    status, body = upgrade(patterned.url, f"[::1]:{closed_port()}")
+    assert status == 502 and "[::1]" in body  # allowed and dialled: nothing listens there
+    assert upgrade(patterned.url, f"unix:{patterned.inside}/guest.sock")[0] == 101
+    assert upgrade(patterned.url, f"unix:{patterned.inside}//sub/../guest.sock")[0] == 101
+    assert upgrade(patterned.url, patterned.echo)[0] == 101
+    port = patterned.echo.rsplit(":", 1)[1]  # a name, allowed through its address
+    assert forward_echo(patterned.url, f"guest.test:{port}", payload=b"by address") == \
+        b"by address"
+
+
+def test_the_loopback_default_trusts_names_through_their_addresses_only(
+    programs: Programs, echo_server: str, tmp_path: Path
+) -> None:
+    env = hosts(tmp_path, "0.0.0.0 localhost\n127.0.0.1 guest.test mixed.test\n"
+                          "0.0.0.0 mixed.test\n")
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", env=env)
+    port = echo_server.rsplit(":", 1)[1]
+    status, body = upgrade(url, f"localhost:{port}")  # here, localhost is 0.0.0.0
+    assert status == 403 and "0.0.0.0" in body, body
+    assert upgrade(url, f"mixed.test:{port}")[0] == 403  # one address of two is not loopback
+    assert upgrade(url, f"unknown.test:{port}")[0] == 403  # no address at all
+    assert forward_echo(url, f"guest.test:{port}", payload=b"loopback") == b"loopback"
+
+
+def test_the_checked_addresses_are_dialled_with_no_second_lookup(
+    echo_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that would resolve elsewhere the second time (DNS rebinding) is dialled where
+    it resolved when it was checked."""
+    rebinding = Scripted("127.0.0.1", "0.0.0.0")
+    monkeypatch.setattr(gforward.service._HubThread.shared().hub, "resolver", rebinding)
+    with gforward.daemon.start() as daemon:  # in that hub's thread
+        port = echo_server.rsplit(":", 1)[1]
+        assert forward_echo(daemon.url, f"rebind.test:{port}", payload=b"once") == b"once"
+    assert rebinding.lookups == 1
 
 
 @pytest.mark.parametrize("as_url", [False, True])

@@ -1,18 +1,17 @@
-"""Issue 5: faults from the daemon and from the local side, bad input, and the token.
+"""Faults from the daemon and from the local side, bad input, and the token.
 
 What the refusals and stalls of the upgrade do is in test_tunnel.py; this
 file takes over once the WebSocket is open.  Every daemon-side fault runs in
 the same frame (`survive`): one healthy tunnel open all along, the faulty
-one, then a new one, all through one forwarder.  Issue 5 asks of each fault:
+one, then a new one, all through one forwarder.  Of each fault, it checks that:
 
 * the local client sees EOF or a reset within dial_timeout + 2 s of it;
 * the tunnel's end is logged once, with its cause;
 * the other tunnels go on, and the next one works.
 
 Run with `-s` to get the table of faults, what the client saw and how long
-the tunnel took to close, for the issue's closing note.  An autouse fixture
-keeps every log record of every test here, at DEBUG, and fails the test if
-one holds the token.
+the tunnel took to close.  An autouse fixture keeps every log record of every
+test here, at DEBUG, and fails the test if one holds the token.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ from tests.support import (
 
 TOKEN = "gf5-T0ken-n3ver-logged-4d2c"
 DIAL_TIMEOUT = 1.0
-BOUND = DIAL_TIMEOUT + 2.0  # issue 5: the client sees the end this soon after a fault
+BOUND = DIAL_TIMEOUT + 2.0  # the client sees the end this soon after a fault
 WAIT = 15.0  # how long a test waits for anything before failing (not a bound under test)
 APPS = Path(__file__).parent / "apps"
 OP_CONTINUATION = 0x0

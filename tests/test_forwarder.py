@@ -1,4 +1,4 @@
-"""gforward.start() and Forwarder, through the reference daemon: the API side of issue 2.
+"""gforward.start() and Forwarder, through the reference daemon: the library's API.
 
 Options and their validation, listeners and data in all four listen x
 upstream combinations, close()/wait() from several threads, many tunnels at
@@ -27,11 +27,14 @@ import pytest
 
 import gforward
 import gforward.daemon
+import gforward.service
 from tests.support import (
     can_bind,
+    closed_port,
     connect,
     echo_once,
     free_port,
+    ipv6_loopback,
     local_address,
     read_exact,
     refused,
@@ -441,6 +444,48 @@ def test_two_threads_closing_at_once(
         fwd.close()
 
 
+class CloseOnTunnelEnd(logging.Handler):
+    """Calls fwd.close() when a tunnel's end is logged (in the hub, from that tunnel's own
+    greenlet), as an app that stops at the first closed tunnel might; notes how long it took."""
+
+    def __init__(self, fwd: gforward.Forwarder) -> None:
+        super().__init__(logging.DEBUG)
+        self.fwd = fwd
+        self.took: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "closed (" in record.getMessage():
+            began = time.monotonic()
+            self.fwd.close()
+            self.took.append(time.monotonic() - began)
+
+
+def test_close_from_a_tunnel_while_another_thread_closes(
+    daemon: gforward.daemon.Daemon, echo_server: str, log: tuple[logging.Logger, ListHandler]
+) -> None:
+    """Neither close() waits for the other: the tunnel's close() returns once the rest is
+    closed, and the thread's close() does not wait JOIN_TIMEOUT for that tunnel (nor kill it)."""
+    logger, handler = log
+    fwd = gforward.start(base_url=daemon.url, vm_name="v", specs=[f"127.0.0.1:0:{echo_server}"],
+                         logger=logger)
+    closing = CloseOnTunnelEnd(fwd)
+    logger.addHandler(closing)
+    try:
+        with connect(fwd, timeout=WAIT) as sock:
+            sock.sendall(b"x")
+            assert read_exact(sock, 1) == b"x"  # the tunnel is open
+            began = time.monotonic()
+            fwd.close()
+            took = time.monotonic() - began
+        assert took < gforward.service.JOIN_TIMEOUT / 2, took
+        assert len(closing.took) == 1, closing.took
+        assert closing.took[0] < gforward.service.JOIN_TIMEOUT / 2, closing.took
+        assert "did not end in time" not in handler.text()
+    finally:
+        logger.removeHandler(closing)
+        fwd.close()
+
+
 def test_close_ends_busy_tunnels(fwd_for: Any, echo_server: str) -> None:
     fwd = fwd_for(f"127.0.0.1:0:{echo_server}")
     listener = fwd.listeners[0]
@@ -634,6 +679,58 @@ def test_default_logger_is_gforward(
         local = fwd.listeners[0].local
     assert any(r.name == "gforward" and "listening on" in r.getMessage() and local in
                r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("everywhere", ["0.0.0.0", "[::]"])
+def test_a_listener_on_every_interface_is_warned_of_once(
+    log: tuple[logging.Logger, ListHandler], everywhere: str
+) -> None:
+    if everywhere == "[::]" and not ipv6_loopback():
+        pytest.skip("no IPv6 on this machine")
+    logger, handler = log
+    specs = [f"{everywhere}:0:127.0.0.1:1", "127.0.0.1:0:127.0.0.1:2", "0:127.0.0.1:3"]
+    # Nothing connects to these listeners, so nothing is ever dialled.
+    with gforward.start(base_url=f"http://127.0.0.1:{closed_port()}", vm_name="sbox-3",
+                        specs=specs, logger=logger) as fwd:
+        exposed = [fwd.listeners[0].local, fwd.listeners[2].local]
+        warnings = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    for local, warning in zip(exposed, warnings):
+        assert "all interfaces" in warning and local in warning and "sbox-3" in warning
+
+
+SILENT_UNTIL_CONFIGURED = """
+import logging, socket, sys
+import gforward, gforward.daemon
+
+def refused_tunnel(fwd):
+    with socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10) as sock:
+        try:
+            assert sock.recv(1) == b""  # the warning is logged before the local close
+        except ConnectionResetError:
+            pass
+
+with gforward.daemon.start(token="right") as daemon, gforward.start(
+        base_url=daemon.url, token="wrong", vm_name="v", specs=["127.0.0.1:0:127.0.0.1:9"]) as fwd:
+    refused_tunnel(fwd)
+    logging.getLogger("gforward.daemon").warning("a daemon warning")
+    print("-- logging configured --", file=sys.stderr, flush=True)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    refused_tunnel(fwd)
+    logging.getLogger("gforward.daemon").warning("a daemon warning")
+"""
+
+
+def test_silent_until_the_app_configures_logging() -> None:
+    """No logging configured: not a line on stderr, from gforward or gforward.daemon (logging
+    would otherwise print warnings through its last-resort handler); once configured, both."""
+    result = subprocess.run([sys.executable, "-c", SILENT_UNTIL_CONFIGURED], capture_output=True,
+                            text=True, timeout=30, cwd=str(APPS.parent.parent), check=False)
+    assert result.returncode == 0, result.stderr
+    before, marker, after = result.stderr.partition("-- logging configured --\n")
+    assert marker and before == "", result.stderr
+    assert "gforward: tunnel" in after and "failed" in after and "401" in after, after
+    assert "gforward.daemon: a daemon warning" in after, after
 
 
 # Whole apps, as subprocesses -------------------------------------------------------------

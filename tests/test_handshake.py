@@ -7,6 +7,9 @@ import hashlib
 
 import h11
 import pytest
+import wsproto.utilities
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
@@ -21,6 +24,8 @@ from gforward.handshake import (
     ServerHandshake,
     Upgrade,
     UpgradeRequest,
+    accept_token,
+    fast_accept,
     rejection,
     upgrade_headers,
 )
@@ -455,3 +460,87 @@ def test_rejection_round_trip_through_client() -> None:
         client.receive(rejection(502, "cannot dial"))
     assert info.value.status_line == "HTTP/1.1 502 Bad Gateway"
     assert info.value.body.strip() == b"cannot dial"
+
+
+# --- the fast check of a 101, held to wsproto's verdict -------------------------------------
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's example key
+ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # and its accept value (section 1.3)
+
+
+def wsproto_accepts(head: bytes) -> bool:
+    """wsproto's verdict on `head` as the answer to our request with KEY."""
+    upgrade = Upgrade(host="h", target="/vm/v/forward", headers=[])
+    h11 = upgrade.wsproto(KEY)
+    try:
+        h11.receive_data(head)
+        events = list(h11.events())
+    except wsproto.utilities.RemoteProtocolError:
+        return False
+    return bool(events) and isinstance(events[0], AcceptConnection)
+
+
+def test_accept_token_is_rfc_6455s() -> None:
+    assert accept_token(KEY) == ACCEPT
+
+
+def test_wsproto_judges_with_our_key() -> None:
+    """The fallback depends on wsproto keeping its key where Upgrade.wsproto puts ours."""
+    good = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n")
+    assert wsproto_accepts(good)
+    assert not wsproto_accepts(good.replace(ACCEPT, accept_token(b"another key")))
+
+
+COMMON_101S = {
+    "ours": (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Accept: %s\r\n\r\n"),
+    "coder/websocket (Go)": (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Sec-Websocket-Accept: %s\r\nUpgrade: websocket\r\n"
+                             b"Date: Tue, 01 Dec 2026 20:00:00 GMT\r\n\r\n"),
+    "nginx": (b"HTTP/1.1 101 Switching Protocols\r\nServer: nginx\r\n"
+              b"Date: Tue, 01 Dec 2026 20:00:00 GMT\r\nConnection: upgrade\r\n"
+              b"Upgrade: websocket\r\nSec-WebSocket-Accept: %s\r\n\r\n"),
+    "bare status": b"HTTP/1.1 101\r\nupgrade: websocket\r\nconnection: keep-alive, Upgrade\r\n"
+                   b"sec-websocket-accept:%s\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("template", COMMON_101S.values(), ids=COMMON_101S.keys())
+def test_common_101s_pass_the_fast_check(template: bytes) -> None:
+    head = template % ACCEPT
+    assert fast_accept(head, ACCEPT)
+    assert wsproto_accepts(head)
+
+
+def test_the_servers_own_101_passes_the_fast_check() -> None:
+    client = make_client()
+    answer = accept_for(client.request)
+    assert fast_accept(answer, accept_token(client._key))
+
+
+LINES = st.sampled_from([
+    b"Upgrade: websocket", b"Upgrade: WebSocket", b"Upgrade: websocket, h2c", b"Upgrade: h2c",
+    b"Upgrade:", b"Upgrade : websocket", b"Connection: Upgrade", b"Connection: keep-alive",
+    b"Connection: keep-alive, upgrade", b"Connection:upgrade", b"Connection: upgradez",
+    b"Sec-WebSocket-Accept: " + ACCEPT, b"Sec-WebSocket-Accept:  " + ACCEPT + b" \t",
+    b"Sec-WebSocket-Accept: " + ACCEPT.lower(), b"Sec-WebSocket-Accept: " + ACCEPT[:-1],
+    b"Sec-WebSocket-Extensions: permessage-deflate", b"Sec-WebSocket-Extensions:",
+    b"Sec-WebSocket-Protocol: chat", b"Content-Length: 0", b"Content-Length: x",
+    b"Transfer-Encoding: gzip", b" folded: value", b"\tfolded", b"X-Empty:", b"X: \x80\xff",
+    b"X-Ctl: a\x01b", b"Bad Name: v", b":novalue", b"X-Ok: fine", b"Date: today",
+    b"Upgrade: websocket\n", b"Connection: Upgrade\r", b"x" * 9000,
+])
+STATUS = st.sampled_from([
+    b"HTTP/1.1 101 Switching Protocols", b"HTTP/1.1 101", b"HTTP/1.1 101 ", b"HTTP/1.0 101 OK",
+    b"HTTP/1.1 200 OK", b"HTTP/1.1 1010 x", b"HTTP/2 101 x", b"http/1.1 101 x",
+    b"HTTP/1.1 101 caf\xc3\xa9", b"HTTP/1.1  101 x",
+])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(STATUS, st.lists(LINES, max_size=8))
+def test_fast_check_never_accepts_what_wsproto_refuses(status: bytes, lines: list[bytes]) -> None:
+    head = b"\r\n".join([status, *lines]) + b"\r\n\r\n"
+    if fast_accept(head, ACCEPT):
+        assert wsproto_accepts(head), head

@@ -1,4 +1,4 @@
-"""Issue 5, load: a thousand tunnels at once, nothing lost, twisted or left behind.
+"""Load: a thousand tunnels at once, nothing lost, twisted or left behind.
 
 One thread drives every client and guest socket (tests.peers.LoadLoop) and
 the reference daemon runs in a process of its own: the forwarder under test
@@ -43,7 +43,7 @@ from tests.peers import (
 TUNNELS = 1000
 SIZE = 1 << 20  # bytes each way per tunnel
 BUSY = 100  # tunnels streaming both ways when close() is called
-CLOSE_BOUND = 2.0  # seconds close() may take with them (issue 5)
+CLOSE_BOUND = 2.0  # seconds close() may take with them
 LOAD_BLOCK = 64 * 1024  # what a busy tunnel's ends send, over and over
 # Descriptors this process needs at the peak: per tunnel the client's socket, the
 # guest's, and the forwarder's two (local + daemon); the rest is slack.

@@ -1,4 +1,4 @@
-"""What the app scripts of issue 6 share: guests, checks, a watchdog, process measures.
+"""What the app scripts share: guests, checks, a watchdog, process measures.
 
 Each script beside this one is a whole app, run as a subprocess by
 tests/test_apps.py (the script's directory is first on sys.path, so

@@ -1,0 +1,93 @@
+"""A fork at the moment a connection is accepted but not yet handled, in a plain process.
+
+In a plain process the forwarder runs in gforward's hub thread, which a forked
+child does not have: nothing of that hub runs there, so whatever the child does
+not release at once it holds until it exits.  The moment that matters is when
+the listener has accepted a connection and spawned its handler, which has not
+run yet: the socket is then only in the handler's arguments.  To fork exactly
+then, the server's spawn (private: gevent's `_spawn`) is wrapped so that the hub
+thread waits there until the main thread has forked.  The child must have let go
+of that socket: when the parent closes the forwarder, its client sees the end at
+once, though the child lives on.  Exit 0 only if it does.
+
+    python tests/apps/fork_pending.py
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import support
+
+import gforward
+
+# Python 3.12+ warns on fork() in a process with threads (the hub thread): the point here.
+warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks",
+                        DeprecationWarning)
+
+
+def held_after_spawn(spawn: Callable[..., Any], spawned: threading.Event,
+                     forked: threading.Event) -> Callable[..., Any]:
+    """`spawn`, after which the hub thread waits until the main thread has forked."""
+
+    def wrapper(*args: Any) -> Any:
+        handler = spawn(*args)
+        spawned.set()
+        forked.wait(10)
+        return handler
+
+    return wrapper
+
+
+def main() -> int:
+    support.watchdog(30)
+    problems: list[str] = []
+    silent = socket.socket()  # a daemon that accepts and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    fwd = gforward.start(base_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                         vm_name="fork", specs=["127.0.0.1:0:127.0.0.1:9"])
+    spawned, forked = threading.Event(), threading.Event()
+    server = fwd._servers[0]
+    server._spawn = held_after_spawn(server._spawn, spawned, forked)
+    client = socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10)
+    if not spawned.wait(10):
+        problems.append("the connection was never accepted")
+        return support.verdict(problems)
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        mine.close()
+        theirs.sendall(b"R")  # ready
+        theirs.recv(1)  # lives until the parent is done
+        os._exit(0)
+    theirs.close()
+    forked.set()
+    try:
+        mine.settimeout(10)
+        mine.recv(1)
+        time.sleep(0.1)  # the parent's handler runs, and dials the silent daemon
+        began = time.monotonic()
+        fwd.close()
+        end = support.ending(client, 5)
+        support.say(f"forked with a connection not yet handled; closed while the child lives:"
+                    f" the client saw {end} {support.elapsed(began)} after close()")
+        if end not in ("eof", "reset") or time.monotonic() - began > 2:
+            problems.append("the child held the accepted connection open")
+    finally:
+        mine.close()  # the child's recv() returns: it exits
+        os.waitpid(pid, 0)
+        fwd.close()
+        client.close()
+        silent.close()
+    return support.verdict(problems)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The event-driven pump (gforward.pump) with real sockets, at its edges: many frames in
+one read, a slow reply after a half-close, sides that stall under keepalive, and control
+frames while an upload is blocked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import gforward
+import gforward.daemon
+from tests.peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FakeDaemon, Guest, Peer, encode_frame
+from tests.support import connect, forward, read_exact, read_to_eof, wait_until
+
+KEEPALIVE = {"ping_interval": 0.5, "ping_timeout": 0.5}
+STALL = 4.0  # seconds a side stops reading: eight ping timeouts
+BIG = 64 << 20  # more than every socket buffer on the way holds, so flow control holds it
+
+
+def test_thousands_of_one_byte_frames_in_one_read_arrive_intact() -> None:
+    """A chatty daemon (a TTY, log lines) batching tiny frames: more frames in one read
+    than one vectored send may carry."""
+    count = 5000
+    expected = bytes(i % 251 for i in range(count))
+
+    def chatty(peer: Peer) -> None:
+        peer.read_request()
+        peer.accept(then=b"".join(encode_frame(OP_BINARY, expected[i : i + 1])
+                                  for i in range(count)))
+        peer.close_ws()
+        peer.wait_eof()
+
+    with FakeDaemon(chatty) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
+        assert read_to_eof(sock) == expected
+
+
+def test_a_reply_seven_seconds_after_the_half_close_arrives_whole(
+        daemon: gforward.daemon.Daemon) -> None:
+    """No timer truncates a reply that is merely slow; pings meanwhile keep finding the
+    daemon alive."""
+    request, reply = os.urandom(100_000), os.urandom(1 << 20)
+
+    def thinks(sock: socket.socket) -> None:
+        assert read_to_eof(sock) == request
+        time.sleep(7.0)
+        sock.sendall(reply)
+
+    with Guest(thinks) as guest, forward(daemon.url, guest.target, **KEEPALIVE) as fwd, \
+            connect(fwd, timeout=20) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == reply
+
+
+def test_a_local_reader_that_stalls_loses_nothing(daemon: gforward.daemon.Daemon) -> None:
+    digest = hashlib.sha256()
+    block = os.urandom(1 << 20)
+
+    def sends(sock: socket.socket) -> None:
+        for _ in range(BIG // len(block)):
+            sock.sendall(block)
+            digest.update(block)
+
+    with Guest(sends) as guest, forward(daemon.url, guest.target, **KEEPALIVE) as fwd, \
+            connect(fwd, timeout=20) as sock:
+        assert read_exact(sock, 1000) == block[:1000]
+        time.sleep(STALL)
+        rest = read_to_eof(sock)
+    assert hashlib.sha256(block[:1000] + rest).hexdigest() == digest.hexdigest()
+
+
+def test_a_guest_that_stalls_loses_nothing(daemon: gforward.daemon.Daemon) -> None:
+    received = hashlib.sha256()
+
+    def stalls_then_reads(sock: socket.socket) -> None:
+        time.sleep(STALL)
+        while data := sock.recv(1 << 20):
+            received.update(data)
+        sock.sendall(received.hexdigest().encode())
+
+    sent = hashlib.sha256()
+    block = os.urandom(1 << 20)
+    with Guest(stalls_then_reads) as guest, forward(daemon.url, guest.target,
+                                                    **KEEPALIVE) as fwd, \
+            connect(fwd, timeout=20) as sock:
+        for _ in range(BIG // len(block)):
+            sock.sendall(block)
+            sent.update(block)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == sent.hexdigest().encode()
+
+
+def test_a_pong_goes_out_while_an_upload_is_blocked() -> None:
+    """The daemon stops reading while the client uploads, then pings and talks: its words
+    still reach the client, and the Pong is not queued behind the upload."""
+    upload_started = threading.Event()
+    heard: list[bytes] = []
+    before_pong: list[int] = []
+
+    def blocks_then_pings(peer: Peer) -> None:
+        peer.read_request()
+        peer.accept()
+        upload_started.wait(10)
+        time.sleep(0.5)  # every buffer on the way fills: the client's sends block
+        peer.send_frame(OP_PING, b"still there?")
+        peer.send_frame(OP_BINARY, b"said while not reading")
+        wait_until(lambda: heard, 10)  # the client heard it; the daemon has read nothing
+        count = 0
+        while (frame := peer.read_frame()).opcode != OP_PONG:
+            count += len(frame.payload)
+        assert frame.payload == b"still there?"
+        before_pong.append(count)
+        peer.close_ws()
+        while peer.read_frame().opcode != OP_CLOSE:
+            pass
+
+    with FakeDaemon(blocks_then_pings) as fake, forward(fake.url) as fwd, \
+            connect(fwd) as sock:
+        block = os.urandom(1 << 20)
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            try:
+                sent += sock.send(block)
+                upload_started.set()
+            except BlockingIOError:
+                time.sleep(0.01)
+            try:
+                if data := sock.recv(100):
+                    heard.append(data)
+            except BlockingIOError:
+                pass
+        assert heard == [b"said while not reading"]
+        sock.setblocking(True)
+        sock.settimeout(10)
+        read_to_eof(sock)
+    assert before_pong and before_pong[0] < sent, (before_pong, sent)
