@@ -7,6 +7,7 @@ One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import ssl
@@ -255,11 +256,21 @@ def resolve(host: str, port: int) -> list[Address]:
     share one lookup: a resolver that hangs then holds one thread of gevent's
     pool, however many tunnels wait for it (each gives up at its own bound).
     """
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+    family = _literal_family(host)
+    if family is None:
         return [(info[0], info[4]) for info in _shared_lookup(host, port)]
     return [(family, (host, port))]
+
+
+@functools.lru_cache(maxsize=256)
+def _literal_family(host: str) -> int | None:
+    """The address family of an IP literal, None for a name (remembered: each tunnel of
+    a forwarder asks about the same daemon)."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+    return int(socket.AF_INET6 if version == 6 else socket.AF_INET)
 
 
 def _shared_lookup(host: str, port: int) -> list[Any]:

@@ -174,12 +174,12 @@ class Forwarder(Service):
             )
         except (ForwardError, OSError) as exc:
             if not connection.aborted:
-                self._log.warning("tunnel %s failed: %s", _tunnel_name(listener, address),
+                self._log.warning("tunnel %s failed: %s", _TunnelName(listener, address),
                                   settings.redact(str(exc)))
             local.close()
             connection.done()
             return
-        self._log.debug("tunnel %s opened", _tunnel_name(listener, address))
+        self._log.debug("tunnel %s opened", _TunnelName(listener, address))
         tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
                         ping_timeout=settings.ping_timeout, now=time.monotonic())
 
@@ -189,7 +189,7 @@ class Forwarder(Service):
             self._log_soon(logging.ERROR if pump.exception else
                            logging.WARNING if failed else logging.DEBUG,
                            "tunnel %s closed (%d bytes up, %d down): %s",
-                           _tunnel_name(listener, address), pump.tunnel.sent,
+                           _TunnelName(listener, address), pump.tunnel.sent,
                            pump.tunnel.received, pump.tunnel.outcome, exc_info=pump.exception)
 
         pump = open_pump(local, stream, tunnel, ended)
@@ -197,11 +197,19 @@ class Forwarder(Service):
         pump.start(trailing)
 
 
-def _tunnel_name(listener: Listener, address: Any) -> str:
-    """"127.0.0.1:50312 -> 127.0.0.1:80" for the log; made when logged, not kept for the
-    tunnel's life (every byte an idle tunnel holds counts ten thousand times)."""
-    peer = join_host_port(*address[:2]) if isinstance(address, tuple) else listener.local
-    return f"{peer} -> {listener.remote}"
+class _TunnelName:
+    """"127.0.0.1:50312 -> 127.0.0.1:80" for the log, spelled out only if a line is written."""
+
+    __slots__ = ("address", "listener")
+
+    def __init__(self, listener: Listener, address: Any) -> None:
+        self.listener = listener
+        self.address = address
+
+    def __str__(self) -> str:
+        address, listener = self.address, self.listener
+        peer = join_host_port(*address[:2]) if isinstance(address, tuple) else listener.local
+        return f"{peer} -> {listener.remote}"
 
 
 def start(options: Options | None = None, /, **fields: Any) -> Forwarder:

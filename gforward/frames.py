@@ -190,21 +190,25 @@ class FrameReader:
         pos, end = 0, len(view)
         simple = not (self._in_message or self._closed)
         while pos < end:
-            if simple and self._opcode < 0 and not self._pending and end - pos > 1:
-                # Fast path: a whole final binary frame under 126 bytes, the usual small message.
+            if simple and self._opcode < 0 and not self._pending and end - pos > 3:
+                # Fast path: a whole final binary frame of under 64 KiB, the usual message.
                 b1 = view[pos + 1]
-                if view[pos] == 0x82 and (b1 & 0x80) == self._mask_bit and (b1 & 0x7F) < 126:
-                    length = b1 & 0x7F
-                    start = pos + (6 if self._mask_bit else 2)
-                    stop = start + length
+                length = b1 & 0x7F
+                if view[pos] == 0x82 and (b1 & 0x80) == self._mask_bit and length < 127:
+                    start = pos + 2
+                    if length == 126:
+                        length = view[pos + 2] << 8 | view[pos + 3]
+                        start = pos + 4
+                    stop = start + (4 if self._mask_bit else 0) + length
                     if stop <= end:
-                        if length:
-                            if self._mask_bit:
-                                key = bytes(view[pos + 2 : start])
-                                payloads.append(apply_mask(view[start:stop], key))
-                            else:
-                                payloads.append(view[start:stop])
-                            self.received += length
+                        if not length:
+                            pass
+                        elif self._mask_bit:
+                            key = bytes(view[start : start + 4])
+                            payloads.append(apply_mask(view[start + 4 : stop], key))
+                        else:
+                            payloads.append(view[start:stop])
+                        self.received += length
                         pos = stop
                         continue
             if self._opcode < 0:  # a header comes first

@@ -21,7 +21,7 @@ import socket
 import ssl
 import struct
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import gevent
 
@@ -30,7 +30,14 @@ from .tls import TLSChannel
 from .tunnel import Tunnel, consume
 
 CHUNK = 256 * 1024  # bytes per read
+# Reads go into buffers that are used again, not into a new bytes object each: the
+# allocator maps a fresh 256 KiB object and unmaps it once it is shrunk to what came,
+# three system calls per read.  TLS may decrypt a little more than a read's CHUNK.
+BUFFER = CHUNK + 32 * 1024
+_free: list[bytearray] = []  # list.pop and list.append are atomic: hub threads may share it
+_FREE_MAX = 16
 IOV_MAX = 1024  # Linux refuses a sendmsg with more buffers (EMSGSIZE)
+SMALL = 2048  # payloads joined to their header for one send rather than a vectored one
 _READ, _WRITE = 1, 2
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
@@ -40,9 +47,9 @@ class Pump:
     """Moves one tunnel's bytes from the hub's callbacks until it is over, then closes
     both sockets and calls `on_end(pump)` once."""
 
-    __slots__ = ("_loop", "_on_end", "_plain", "_plain_on", "_plain_r", "_plain_shut",
-                 "_plain_w", "_timer", "_ws", "_ws_on", "_ws_r", "_ws_w", "exception",
-                 "tunnel")
+    __slots__ = ("_loop", "_on_end", "_plain", "_plain_buf", "_plain_on", "_plain_r",
+                 "_plain_shut", "_plain_w", "_timer", "_ws", "_ws_buf", "_ws_on", "_ws_r",
+                 "_ws_w", "exception", "tunnel")
 
     def __init__(self, plain: socket.socket, ws: socket.socket, tunnel: Tunnel,
                  on_end: Callable[[Pump], None]) -> None:
@@ -59,6 +66,9 @@ class Pump:
         self._timer: Any = None
         self._plain_on = self._ws_on = False  # whether each read watcher runs
         self._plain_shut = False
+        # A read buffer whose bytes a queue still holds (to_ws, to_plain), until it empties.
+        self._plain_buf: bytearray | None = None
+        self._ws_buf: bytearray | None = None
 
     def start(self, trailing: bytes = b"") -> None:
         """Begin, in the hub's thread; `trailing` holds frames read with the upgrade."""
@@ -86,36 +96,52 @@ class Pump:
     # Callbacks, in the hub ----------------------------------------------------
 
     def _plain_readable(self) -> None:
+        tunnel = self.tunnel
+        buf = _take()
         try:
-            data = self._plain.recv(CHUNK)
-            if data:
-                self.tunnel.plain_data(data)
+            count = self._plain.recv_into(buf, CHUNK)
+            if count:
+                tunnel.plain_data(memoryview(buf)[:count])
             else:
-                self.tunnel.plain_eof()
+                tunnel.plain_eof()
         except BlockingIOError:
+            _give(buf)
             return
         except OSError as exc:
-            self.tunnel.error(f"local side: {_describe(exc)}")
+            tunnel.error(f"local side: {_describe(exc)}")
         except Exception as exc:  # a bug: end this tunnel, not the hub
             self._crash(exc)
+            _give(buf)
             return
         self._after()
+        if tunnel.to_ws and self._on_end is not None:
+            self._plain_buf = buf  # back to the pool once to_ws is sent
+        else:
+            _give(buf)
 
     def _ws_readable(self) -> None:
+        tunnel = self.tunnel
+        buf = _take()
         try:
-            data = self._ws.recv(CHUNK)
-            if data:
-                self.tunnel.ws_data(data, _monotonic())
+            count = self._ws.recv_into(buf, CHUNK)
+            if count:
+                tunnel.ws_data(memoryview(buf)[:count], _monotonic())
             else:
-                self.tunnel.ws_lost("WebSocket lost without a Close frame")
+                tunnel.ws_lost("WebSocket lost without a Close frame")
         except BlockingIOError:
+            _give(buf)
             return
         except OSError as exc:
-            self.tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
+            tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
         except Exception as exc:
             self._crash(exc)
+            _give(buf)
             return
         self._after()
+        if tunnel.to_plain and self._on_end is not None:
+            self._ws_buf = buf  # back to the pool once to_plain is sent
+        else:
+            _give(buf)
 
     def _plain_writable(self) -> None:
         self._plain_w.close()
@@ -159,6 +185,14 @@ class Pump:
             self._flush_ws()
         if tunnel.to_plain and self._plain_w is None:
             self._flush_plain()
+        if (self._plain_on and self._ws_on and tunnel.reading_plain
+                and not (tunnel.to_ws or tunnel.to_plain or tunnel.outcome or tunnel.shut_plain)):
+            return  # the usual state, both sides read and nothing waits: no change
+        self._settle()
+
+    def _settle(self) -> None:
+        """The rest of `_after`: half-close, the end, and which sides to read."""
+        tunnel = self.tunnel
         if tunnel.shut_plain and not (tunnel.to_plain or tunnel.outcome or self._plain_shut):
             self._plain_shut = True
             try:
@@ -192,7 +226,11 @@ class Pump:
         except OSError as exc:
             self.tunnel.error(f"local side: {_describe(exc)}")
             return
-        if count >= 0:
+        if count < 0:
+            if self._ws_buf is not None:
+                _give(self._ws_buf)
+                self._ws_buf = None
+        else:
             consume(out, count)
             self._plain_w = self._wait_writable(self._plain, self._plain_writable)
 
@@ -205,9 +243,16 @@ class Pump:
             return
         if count < 0:
             tunnel.ws_skip = 0
+            self._ws_sent()
         else:
             tunnel.sent_to_ws(count)
             self._ws_w = self._wait_writable(self._ws, self._ws_writable)
+
+    def _ws_sent(self) -> None:
+        """All that was queued for the WebSocket is out: plain's read buffer is free."""
+        if self._plain_buf is not None:
+            _give(self._plain_buf)
+            self._plain_buf = None
 
     def _wait_writable(self, sock: socket.socket, callback: Callable[[], None]) -> Any:
         watcher = self._loop.io(sock.fileno(), _WRITE)
@@ -250,6 +295,10 @@ class Pump:
                 self._plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self._plain.close()
         self._ws.close()
+        for buf in (self._plain_buf, self._ws_buf):
+            if buf is not None:
+                _give(buf)
+        self._plain_buf = self._ws_buf = None
         try:
             on_end(self)
         except Exception as exc:  # the hub would print it and go on; keep it for the log
@@ -272,13 +321,31 @@ def _send(sock: socket.socket, out: list[Buffer]) -> int:
             if count < sum(map(len, batch)):
                 return count
             del out[:IOV_MAX]
-        count = sock.sendmsg(out)
+        if len(out) == 1:  # a plain send is cheaper than a vectored one
+            count, total = sock.send(out[0]), len(out[0])
+        elif len(out) == 2 and len(out[1]) <= SMALL:  # one small frame: joined, and sent so
+            joined = b"".join(out)
+            count, total = sock.send(joined), len(joined)
+        else:
+            count, total = sock.sendmsg(out), sum(map(len, out))
     except BlockingIOError:
         return 0
-    if count == sum(map(len, out)):
+    if count == total:
         out.clear()
         return -1
     return count
+
+
+def _take() -> bytearray:
+    try:
+        return _free.pop()
+    except IndexError:
+        return bytearray(BUFFER)
+
+
+def _give(buf: bytearray) -> None:
+    if len(_free) < _FREE_MAX:
+        _free.append(buf)
 
 
 def _describe(exc: OSError) -> str:
@@ -306,36 +373,56 @@ class TLSPump(Pump):
 
     def _ws_readable(self, read_socket: bool = True) -> None:
         tunnel = self.tunnel
+        buf = _take()
         try:
             if read_socket:
-                data = self._ws.recv(CHUNK)
-                if not data:
+                count = self._ws.recv_into(buf, CHUNK)
+                if not count:
                     tunnel.ws_lost("WebSocket lost without a Close frame",
                                    backlog=bool(self._cipher))
+                    _give(buf)
                     self._after()
                     return
-                self._incoming.write(data)
-            now = _monotonic()
-            while not tunnel.outcome:
-                try:
-                    data = self._tls.read(CHUNK)
-                except ssl.SSLWantReadError:
-                    break
-                if not data:  # close_notify: the TLS stream's end
-                    tunnel.ws_lost("WebSocket lost without a Close frame",
-                                   backlog=bool(self._cipher))
-                    break
-                tunnel.ws_data(data, now)
+                self._incoming.write(memoryview(buf)[:count])
+            count, ended = self._decrypt(buf)
+            if count:
+                tunnel.ws_data(memoryview(buf)[:count], _monotonic())
+            if ended:  # close_notify: the TLS stream's end
+                tunnel.ws_lost("WebSocket lost without a Close frame",
+                               backlog=bool(self._cipher))
             if self._outgoing.pending:  # TLS may answer while reading (a key update)
                 self._cipher = bytes(self._cipher) + self._outgoing.read()
         except BlockingIOError:
+            _give(buf)
             return
         except OSError as exc:  # ssl.SSLError included
             tunnel.ws_lost(f"WebSocket: {_describe(exc)}")
         except Exception as exc:
             self._crash(exc)
+            _give(buf)
             return
         self._after()
+        if tunnel.to_plain and self._on_end is not None:
+            self._ws_buf = buf
+        else:
+            _give(buf)
+
+    def _decrypt(self, buf: bytearray) -> tuple[int, bool]:
+        """Every whole record the BIO holds, into `buf`: how many bytes that made, and
+        whether the stream ended.  All of them, always: no socket event would come for
+        records left behind."""
+        view = memoryview(buf)
+        count = 0
+        while count < BUFFER:  # never reached: one read's records and a part are smaller
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                got = cast(int, self._tls.read(BUFFER - count, view[count:]))
+            except ssl.SSLWantReadError:
+                return count, False
+            if not got:
+                return count, True
+            count += got
+        return count, False
 
     def _flush_ws(self) -> None:
         tunnel = self.tunnel
@@ -353,6 +440,8 @@ class TLSPump(Pump):
         self._cipher = memoryview(self._cipher)[sent:] if sent < len(self._cipher) else b""
         if self._cipher or tunnel.to_ws:
             self._ws_w = self._wait_writable(self._ws, self._ws_writable)
+        else:
+            self._ws_sent()
 
     def _encrypt(self, buffers: list[Buffer]) -> None:
         """Whole frames into TLS records: small ones joined, so one record holds many."""
@@ -369,15 +458,18 @@ class TLSPump(Pump):
 
     def _last_words(self) -> None:
         with contextlib.suppress(OSError):
-            if self._cipher:
-                self._ws.send(self._cipher)
             if self.tunnel.to_ws:
-                self._encrypt(self.tunnel.to_ws)
+                self._encrypt_more(self.tunnel.to_ws)
             if not self.tunnel.failed:
                 with contextlib.suppress(ssl.SSLError):
                     self._tls.unwrap()  # close_notify, for proxies that log its absence
                 self._cipher = bytes(self._cipher) + self._outgoing.read()
             self._ws.send(self._cipher)
+
+    def _encrypt_more(self, buffers: list[Buffer]) -> None:
+        pending = bytes(self._cipher)
+        self._encrypt(buffers)
+        self._cipher = pending + bytes(self._cipher)
 
 
 def open_pump(plain: Any, stream: Any, tunnel: Tunnel, on_end: Callable[[Pump], None]) -> Pump:
