@@ -2,8 +2,10 @@
 
     gforward sbox-1 8080:127.0.0.1:80 --url http://192.168.1.10:8080 --token-file ~/.slicer/token
 
-Exit status: 0 after SIGINT or SIGTERM, 1 when a listener cannot bind, 2 for
-bad arguments (specs, URL, token file included), as argparse does.
+Exit status: 0 after SIGINT or SIGTERM, 1 when a listener cannot bind (or the
+guest is not ready in time, with --wait-ready), 2 for bad arguments (specs, URL,
+token file included), as argparse does.  SIGUSR1 prints every listener's
+counters on stderr.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
-from .credentials import read_token_file
-from .endpoint import parse_base_url
+from .command import log_to_stderr, read_token_file, seconds, serve
 from .errors import ForwardError
-from .forwarder import WILDCARD_WARNING, Forwarder, Options, start
-from .mapping import is_loopback_host, parse_address_mapping
-from .service import serve_until_signalled
+from .forwarder import WILDCARD_WARNING, Forwarder, start
+from .options import Options
+from .proto.endpoint import parse_base_url
+from .proto.mapping import is_loopback_host, parse_address_mapping
 
 PROG = "gforward"
 
@@ -29,18 +31,6 @@ def _not_said_twice(record: logging.LogRecord) -> bool:
     """Logging filter: the library's per-listener wildcard warning goes, since announce()
     below says the same for every listener in one line."""
     return record.msg != WILDCARD_WARNING
-
-
-def _seconds(text: str, *, zero: bool = False) -> float:
-    """argparse type: a finite number of seconds above zero (or zero, where that means off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value >= 0 if zero else value > 0) or value == float("inf"):
-        kind = "zero or a positive" if zero else "a positive"
-        raise argparse.ArgumentTypeError(f"must be {kind} number of seconds: {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,12 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--token", help="bearer token (env SLICER_TOKEN)")
     auth.add_argument("--token-file", metavar="FILE",
                       help="read the bearer token from FILE (env SLICER_TOKEN_FILE)")
-    parser.add_argument("--dial-timeout", type=_seconds, metavar="SECONDS",
+    parser.add_argument("--dial-timeout", type=seconds, metavar="SECONDS",
                         help="bound on proxy + connect + TLS + upgrade per tunnel (default 10)")
-    parser.add_argument("--ping-interval", type=lambda t: _seconds(t, zero=True),
+    parser.add_argument("--ping-interval", type=lambda t: seconds(t, zero=True),
                         metavar="SECONDS", help="ping a daemon silent this long (default 30; "
                         "0 turns keepalive off)")
-    parser.add_argument("--ping-timeout", type=_seconds, metavar="SECONDS",
+    parser.add_argument("--ping-timeout", type=seconds, metavar="SECONDS",
                         help="cut a tunnel whose ping gets no answer this long (default 10)")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--ca-file", metavar="FILE",
@@ -78,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", metavar="URL",
                         help="HTTP proxy, http://[USER:PASSWORD@]HOST:PORT, used instead of "
                              "HTTPS_PROXY/HTTP_PROXY/NO_PROXY; '' for none")
+    parser.add_argument("--drain", type=lambda t: seconds(t, zero=True), default=0.0,
+                        metavar="SECONDS", help="on SIGINT/SIGTERM, let open tunnels end for up "
+                        "to SECONDS first (a second signal cuts at once; default 0)")
+    parser.add_argument("--wait-ready", type=seconds, metavar="SECONDS",
+                        help="print 'ready' once the daemon reaches every upstream, or exit 1 "
+                             "if it does not within SECONDS")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every tunnel opening and closing on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -118,9 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint = parse_base_url(url)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(format="%(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("gforward").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    logging.getLogger("gforward").addFilter(_not_said_twice)
+    log_to_stderr("gforward", args.verbose).addFilter(_not_said_twice)
     if token and endpoint.scheme == "http" and not is_loopback_host(endpoint.host):
         _warn(f"the token travels unencrypted to {endpoint.describe()}: use https://")
     options = Options(base_url=url, vm_name=args.vm, specs=specs, token=token,
@@ -140,11 +134,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"this machine can reach {args.vm}; prefix the spec with 127.0.0.1: to keep "
                   "it local")
 
+    def ready(forwarder: Forwarder) -> str | None:
+        """For --wait-ready: says `ready`, or why not."""
+        try:
+            if forwarder.wait_ready(args.wait_ready):
+                print("ready", flush=True)
+                return None
+            return f"{PROG}: not ready within {args.wait_ready:g} s"
+        except ForwardError as exc:
+            return f"{PROG}: not ready: {exc}"
+
     try:
-        serve_until_signalled(lambda: start(options), announce)
+        return serve(lambda: start(options), announce, drain=args.drain,
+                     report=lambda forwarder: _report(forwarder, args.vm),
+                     ready=ready if args.wait_ready else None)
     except ValueError as exc:  # SpecError included: bad input, whatever stage found it
         parser.error(str(exc))
     except (ForwardError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _report(forwarder: Forwarder, vm: str) -> None:
+    """SIGUSR1: each listener's counters on stderr, one logfmt line each, exact counts."""
+    for stats in forwarder.stats().listeners:
+        listener = stats.listener
+        print(f"{PROG}: {listener.local} -> {vm} {listener.remote} open={stats.tunnels_open} "
+              f"total={stats.tunnels_total} failed={stats.tunnels_failed} up={stats.bytes_up} "
+              f"down={stats.bytes_down}", file=sys.stderr, flush=True)

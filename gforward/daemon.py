@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
-import ipaddress
 import logging
-import posixpath
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,21 +25,21 @@ from urllib.parse import unquote
 import gevent
 from gevent import socket, ssl
 
-from . import dial, handshake
-from .credentials import read_token_file
+from . import dial
+from .command import log_to_stderr, read_token_file, serve
 from .errors import ForwardError, SpecError
-from .listen import ListeningSocket, listen_tcp, listen_unix
-from .mapping import AddressMapping, join_host_port, parse_address_mapping, parse_remote_target
-from .pump import Pump, open_pump
-from .service import Binder, Connection, Service, serve_until_signalled
+from .listen import ListeningSocket
+from .proto import handshake
+from .proto.allow import address_targets, all_loopback, allowed, compile_pattern, normalise_path
+from .proto.mapping import AddressMapping, parse_listen_address, parse_remote_target
+from .proto.tunnel import Tunnel
+from .pump import Pump
+from .service import Connection, Door, Service
 from .tls import TLSChannel
-from .tunnel import Tunnel
 
 HANDSHAKE_TIMEOUT = 10.0  # a client must finish TLS and its upgrade request in this time
 DIAL_TIMEOUT = 10.0  # seconds for the upstream's name to resolve, and again for it to accept
 _FORWARD_PATH = re.compile(r"(?:/.*)?/vm/([^/?]+)/forward")
-# The host of an --allow pattern: IP address characters and wildcards (a scope after %).
-_PATTERN_HOST = re.compile(r"[0-9A-Fa-f.:*?]+(?:%.*)?")
 
 
 @dataclass(frozen=True)
@@ -61,15 +60,11 @@ class Upstream:
         each address (IPv6 in brackets, in its shortest form)."""
         if self.unix_path:
             return ["unix:" + self.unix_path]
-        return [join_host_port(_canonical_ip(sockaddr[0]), sockaddr[1])
-                for _, sockaddr in self.addresses]
+        return address_targets(self.addresses)
 
     def is_local(self) -> bool:
         """The default policy: a unix path, or a host whose every address is loopback."""
-        if self.unix_path:
-            return True
-        return bool(self.addresses) and all(
-            ipaddress.ip_address(sockaddr[0]).is_loopback for _, sockaddr in self.addresses)
+        return bool(self.unix_path) or all_loopback(self.addresses)
 
     def dial(self, track: Callable[[socket.socket], None]) -> socket.socket:
         """A socket connected to the path or to one of the addresses that were checked."""
@@ -89,53 +84,6 @@ def resolve_upstream(mapping: AddressMapping) -> Upstream:
     return Upstream(mapping.raw_spec, addresses=tuple(addresses))
 
 
-def normalise_path(path: str) -> str:
-    """An absolute path without "." or ".." parts or repeated slashes, as the kernel reads
-    it, so that no ".." leads out of a pattern's directory.  Lexical: a symbolic link
-    is followed when dialled, as with any path."""
-    return "/" + posixpath.normpath(path).lstrip("/")
-
-
-def _canonical_ip(text: str) -> str:
-    """An IP address in its one usual spelling (IPv6 shortest, lower case); else `text`."""
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return text
-
-
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """An --allow pattern as a regular expression for `fullmatch`.
-
-    `*` and `?` are the only wildcards: `[` and `]` are literal, since they bracket
-    IPv6 addresses.  A literal address is put in its usual spelling and a unix path
-    normalised, as the targets are.  A host that cannot be an address (a name) is a
-    ValueError: names match only through the addresses they resolve to.
-    """
-    if pattern.startswith("unix:"):
-        normalised = "unix:" + normalise_path(pattern[len("unix:"):])
-    elif pattern == "*":
-        normalised = pattern
-    else:
-        host, colon, port = pattern.rpartition(":")
-        bracketed = host.startswith("[") and host.endswith("]")
-        bare = host[1:-1] if bracketed else host
-        if not colon or not _PATTERN_HOST.fullmatch(bare):
-            raise ValueError(f"--allow pattern {pattern!r}: expected ADDRESS:PORT, [IPV6]:PORT, "
-                             "unix:/PATH or *; names are matched through their addresses, "
-                             "so a pattern names addresses")
-        address = _canonical_ip(bare)
-        bracketed = bracketed or ":" in address
-        normalised = f"[{address}]:{port}" if bracketed else f"{address}:{port}"
-    wildcards = {"*": ".*", "?": "."}
-    return re.compile("".join(wildcards.get(c) or re.escape(c) for c in normalised), re.DOTALL)
-
-
-def allowed(targets: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> bool:
-    """Whether every target (every address a name resolved to) matches some pattern."""
-    return bool(targets) and all(any(p.fullmatch(t) for p in patterns) for t in targets)
-
-
 class Daemon(Service):
     """Listeners that accept tunnels; `urls` (and `url`) say where they are."""
 
@@ -147,7 +95,7 @@ class Daemon(Service):
         token: str = "",
         tls_cert: str | None = None,
         tls_key: str | None = None,
-        allow: Sequence[str] = (),
+        allow: Sequence[str] = (),  # patterns, see proto.allow
         logger: logging.Logger | None = None,
     ) -> None:
         super().__init__(logger or logging.getLogger("gforward.daemon"))
@@ -157,33 +105,30 @@ class Daemon(Service):
         if tls_cert:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._tls.load_cert_chain(tls_cert, tls_key)
-        self.urls: list[str] = []
-        binders = [self._binder(_listen_address(a)) for a in listen]
-        binders += [self._binder(AddressMapping("", listen_unix_path=p)) for p in unix]
-        if not binders:
+        mappings = [parse_listen_address(address) for address in listen]
+        mappings += [AddressMapping("", listen_unix_path=path) for path in unix]
+        if not mappings:
             raise ValueError("nothing to listen on: give a TCP address or a unix path")
-        self._open(binders)
+        self._open(mappings)
+
+    @property
+    def urls(self) -> list[str]:
+        """Each listener's base URL, in the order given (TCP first, then unix)."""
+        return [door.context for door in list(self._doors)]
 
     @property
     def url(self) -> str:
         """The first listener's base URL, to hand to gforward.start()."""
         return self.urls[0]
 
-    def _binder(self, where: AddressMapping) -> Binder:
-        def bind() -> tuple[ListeningSocket, Any]:
-            if where.listen_unix():
-                bound = listen_unix(where.listen_unix_path)
-                self.urls.append(f"unix://{bound.address}")
-            else:
-                bound = listen_tcp(where.listen_addr, where.listen_port)
-                self.urls.append(f"{'https' if self._tls else 'http'}://{bound.address}")
-            return bound, self._serve_connection
+    def _prepare(self, mapping: AddressMapping, bound: ListeningSocket) -> str:
+        if mapping.listen_unix():
+            return f"unix://{bound.address}"
+        return f"{'https' if self._tls else 'http'}://{bound.address}"
 
-        return bind
-
-    def _serve_connection(self, client: socket.socket, address: Any) -> None:
+    def _handle(self, door: Door, client: socket.socket, address: Any) -> None:
         """The life of one tunnel: TLS, upgrade, check, dial the upstream, hand over to a pump."""
-        connection = Connection(self._connections, client)
+        connection = Connection(door, client)
         dial.set_nodelay(client)
         stream: dial.Stream = client
         try:
@@ -229,7 +174,8 @@ class Daemon(Service):
                            pump.tunnel.received, pump.tunnel.sent, pump.tunnel.outcome,
                            exc_info=pump.exception)
 
-        pump = open_pump(plain, stream, Tunnel(client=False), ended)
+        tunnel = Tunnel(client=False, now=time.monotonic())
+        pump = dial.open_pump(plain, stream, tunnel, ended, (door.counters, self.counters))
         connection.open(pump)
         pump.start(request.trailing)
 
@@ -270,17 +216,6 @@ class Daemon(Service):
         return upstream.is_local()
 
 
-def _listen_address(text: str) -> AddressMapping:
-    """HOST:PORT (or [V6]:PORT) for --listen, parsed as a spec's listen side."""
-    try:
-        mapping = parse_address_mapping(f"{text}:127.0.0.1:1")
-    except SpecError:
-        mapping = AddressMapping(text)
-    if mapping.listen_unix() or not mapping.listen_addr:
-        raise SpecError(f"invalid listen address {text!r}: expected HOST:PORT (--unix for paths)")
-    return mapping
-
-
 def start(
     listen: Sequence[str] = ("127.0.0.1:0",), unix: Sequence[str] = (), **options: Any
 ) -> Daemon:
@@ -314,13 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = read_token_file(args.token_file) if args.token_file else args.token
         for address in args.listen:
-            _listen_address(address)  # a bad one is a usage error, before anything binds
+            parse_listen_address(address)  # a bad one is a usage error, before anything binds
         for pattern in args.allow:
             compile_pattern(pattern)  # likewise
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr("gforward.daemon", args.verbose)
 
     def launch() -> Daemon:
         return Daemon(args.listen, args.unix, token=token, tls_cert=args.tls_cert,
@@ -331,11 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"listening on {url}", flush=True)
 
     try:
-        serve_until_signalled(launch, announce)
+        return serve(launch, announce)
     except (ForwardError, ValueError) as exc:
         print(f"gforward.daemon: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

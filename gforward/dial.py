@@ -20,11 +20,15 @@ from gevent import socket
 from gevent.event import AsyncResult
 from gevent.queue import Empty, Queue
 
-from .endpoint import Endpoint
 from .errors import ForwardError
-from .handshake import ClientHandshake
-from .proxy import ConnectHandshake, ProxyError
-from .tls import TLSChannel
+from .proto.endpoint import Endpoint
+from .proto.handshake import ClientHandshake
+from .proto.proxy import ConnectHandshake, ProxyError
+from .proto.records import Counters
+from .proto.tunnel import Tunnel
+from .pump import Pump
+from .queues import raw
+from .tls import TLSChannel, TLSPump
 
 RECV_SIZE = 64 * 1024
 _NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -38,6 +42,14 @@ _lookups: dict[tuple[Any, str, int], AsyncResult] = {}  # lookups under way, per
 
 class DialError(ForwardError):
     """The daemon could not be reached, or did not answer in time."""
+
+
+def open_pump(plain: Any, stream: Stream, tunnel: Tunnel, on_end: Callable[[Pump], None],
+              counts: tuple[Counters, Counters]) -> Pump:
+    """The pump for a plain socket and the stream an upgrade ran over, both gevent's."""
+    if isinstance(stream, TLSChannel):
+        return TLSPump(plain, stream, tunnel, on_end, counts)
+    return Pump(raw(plain), raw(stream), tunnel, on_end, counts)
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -81,11 +93,12 @@ def open_websocket(
         if exc is timer and handshake.refused:
             raise handshake.refusal() from None
         if exc is timer:
-            raise DialError(f"no answer from {where} within {timeout:g} s") from None
+            raise DialError(f"no answer from {where} within {timeout:g} s", "timeout") from None
         if isinstance(exc, ssl.SSLCertVerificationError):
-            raise DialError(_rejected_certificate(exc, where)) from exc
+            raise DialError(_rejected_certificate(exc, where), "tls") from exc
         if isinstance(exc, OSError):
-            raise DialError(f"cannot reach {where}: {exc}") from exc
+            cause = "tls" if isinstance(exc, ssl.SSLError) else "unreachable"
+            raise DialError(f"cannot reach {where}: {exc}", cause) from exc
         raise
     finally:
         timer.close()
@@ -145,7 +158,7 @@ def _tunnel(exchange: ConnectHandshake, track: Callable[[socket.socket], None]) 
     try:
         sock = connect(server.host, server.port, "", track)
     except OSError as exc:
-        raise ProxyError(f"cannot reach proxy {server.describe()}: {exc}") from exc
+        raise ProxyError(f"cannot reach proxy {server.describe()}: {exc}", "unreachable") from exc
     sock.sendall(exchange.request)
     while not exchange.receive(sock.recv(RECV_SIZE)):
         pass

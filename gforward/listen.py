@@ -1,4 +1,5 @@
-"""Listening sockets, TCP and unix, bound so that nothing is clobbered.
+"""Listening sockets, TCP and unix, bound so that nothing is clobbered, and the server
+that accepts on them.
 
 A unix socket path is only ever replaced when it is a stale socket (nothing
 answers on it), and only removed on close when it is still the socket we
@@ -8,14 +9,18 @@ bound: a regular file, a live socket or someone else's socket is left alone.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
+import gevent
 from gevent import socket
+from gevent.server import StreamServer
 
 from .errors import ForwardError
-from .mapping import join_host_port
+from .proto.mapping import join_host_port
 
 BACKLOG = 1024
 
@@ -103,3 +108,37 @@ def _clear_stale(path: str) -> None:
     finally:
         probe.close()
     raise ForwardError(f"cannot listen on {path}: another process is listening on it")
+
+
+class AcceptingServer(StreamServer):  # type: ignore[misc]  # gevent ships no type hints
+    """gevent's StreamServer, with failed accepts (EMFILE: out of descriptors) logged, and
+    the accepted socket left to its handler, which may hand it to a pump that outlives it."""
+
+    log: logging.Logger
+    _failing = False
+
+    def do_close(self, *args: Any) -> None:
+        pass
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if self.is_fatal_error(exc):
+                raise
+            if not self._failing:
+                self._failing = True
+                self.log.warning("cannot accept on %s: %s; retrying, backing off up to %g s",
+                                 self.address, exc.strerror or exc, self.max_delay)
+            raise _AcceptFailed() from exc
+        if self._failing and accepted:
+            self._failing = False
+            self.log.warning("accepting on %s again", self.address)
+        return accepted
+
+
+class _AcceptFailed(gevent.GreenletExit):  # type: ignore[misc]
+    """A failed accept(), already logged.  gevent's server backs off on any error from
+    do_read (10 ms, doubling to 1 s), and its hub prints no exception of the
+    Hub.NOT_ERROR kinds (GreenletExit among them): so the app's logger, not stderr,
+    hears of it, once per run of failures."""

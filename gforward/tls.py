@@ -2,18 +2,27 @@
 
 The dialling greenlet drives the handshake and the upgrade through a
 `TLSChannel` as if it were a socket (`sendall`, `recv`, both cooperative
-since the socket underneath is gevent's).  The event-driven pump then takes
-its parts over: the SSLObject and its two BIOs never touch a socket, so they
-never block a hub, whatever context class made them.  That is also why any
-`ssl.SSLContext` works here, gevent's, the standard library's or a subclass
-of either: its own `wrap_bio` is called.
+since the socket underneath is gevent's).  `TLSPump` then takes its parts
+over: what the kernel has is decrypted in as many records as it holds, and
+queued frames are encrypted in one go.  The SSLObject and its two BIOs never
+touch a socket, so they never block a hub, whatever context class made them;
+that is also why any `ssl.SSLContext` works here, gevent's, the standard
+library's or a subclass of either: its own `wrap_bio` is called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
-from typing import Any
+import time
+from typing import Any, Callable, cast
+
+from .proto.frames import Buffer
+from .proto.records import Counters
+from .proto.tunnel import Tunnel
+from .pump import Pump
+from .queues import BUFFER, CHUNK, describe, give_buffer, raw, take_buffer
 
 RECV_SIZE = 64 * 1024
 
@@ -95,3 +104,118 @@ class TLSChannel:
         data = self.outgoing.read()
         if data:
             self.sock.sendall(data)
+
+
+class TLSPump(Pump):
+    """A Pump whose WebSocket runs in TLS over `ssl.MemoryBIO`s, as `dial` set it up."""
+
+    __slots__ = ("_cipher", "_incoming", "_outgoing", "_tls")
+
+    def __init__(self, plain: Any, channel: TLSChannel, tunnel: Tunnel,
+                 on_end: Callable[[Pump], None], counts: tuple[Counters, Counters]) -> None:
+        super().__init__(raw(plain), raw(channel.sock), tunnel, on_end, counts)
+        self._tls = channel.tls
+        self._incoming = channel.incoming
+        self._outgoing = channel.outgoing
+        self._cipher: Buffer = b""  # encrypted bytes the socket has not taken yet
+
+    def start(self, trailing: bytes = b"") -> None:
+        super().start(trailing)
+        if self._on_end is not None and self._incoming.pending:  # records read with the 101
+            self._ws_readable(read_socket=False)
+
+    def _ws_readable(self, read_socket: bool = True) -> None:
+        tunnel = self.tunnel
+        buf = take_buffer()
+        try:
+            if read_socket:
+                count = self._ws.recv_into(buf, CHUNK)
+                if not count:
+                    tunnel.ws_lost("WebSocket lost without a Close frame",
+                                   backlog=bool(self._cipher))
+                    give_buffer(buf)
+                    self._after()
+                    return
+                self._incoming.write(memoryview(buf)[:count])
+            count, ended = self._decrypt(buf)
+            if count:
+                self._count_down(tunnel.ws_data(memoryview(buf)[:count], time.monotonic()))
+            if ended:  # close_notify: the TLS stream's end
+                tunnel.ws_lost("WebSocket lost without a Close frame",
+                               backlog=bool(self._cipher))
+            if self._outgoing.pending:  # TLS may answer while reading (a key update)
+                self._take_cipher()
+        except BlockingIOError:
+            give_buffer(buf)
+            return
+        except OSError as exc:  # ssl.SSLError included
+            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
+        except Exception as exc:
+            self._crash(exc)
+            give_buffer(buf)
+            return
+        self._after()
+        self._keep_while_queued(buf)
+
+    def _decrypt(self, buf: bytearray) -> tuple[int, bool]:
+        """Every whole record the BIO holds, into `buf`: how many bytes that made, and
+        whether the stream ended.  All of them, always: no socket event would come for
+        records left behind."""
+        view = memoryview(buf)
+        count = 0
+        while count < BUFFER:  # never reached: one read's records and a part are smaller
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                got = cast(int, self._tls.read(BUFFER - count, view[count:]))
+            except ssl.SSLWantReadError:
+                return count, False
+            if not got:
+                return count, True
+            count += got
+        return count, False
+
+    def _flush_ws(self) -> None:
+        tunnel = self.tunnel
+        if not self._cipher and tunnel.to_ws:
+            self._encrypt(tunnel.to_ws)
+            tunnel.to_ws.clear()
+        try:
+            sent = self._ws.send(self._cipher)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
+            return
+        self._cipher = memoryview(self._cipher)[sent:] if sent < len(self._cipher) else b""
+        if self._cipher or tunnel.to_ws:
+            self._ws_w = self._wait_writable(self._ws, self._ws_writable)
+        else:
+            self._ws_sent()
+
+    def _encrypt(self, buffers: list[Buffer]) -> None:
+        """Whole frames into TLS records: small ones joined, so one record holds many."""
+        if sum(map(len, buffers)) <= 16384:
+            self._tls.write(b"".join(buffers))
+        else:
+            for buf in buffers:
+                if buf:
+                    self._tls.write(buf)
+        self._take_cipher()
+
+    def _take_cipher(self) -> None:
+        """What TLS wrote into its outgoing BIO, after what the socket has yet to take."""
+        more = self._outgoing.read()
+        self._cipher = bytes(self._cipher) + more if self._cipher else more
+
+    def _ws_backlog(self) -> bool:
+        return bool(self._cipher)
+
+    def _last_words(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.tunnel.to_ws:
+                self._encrypt(self.tunnel.to_ws)
+            if not self.tunnel.failed:
+                with contextlib.suppress(ssl.SSLError):
+                    self._tls.unwrap()  # close_notify, for proxies that log its absence
+                self._take_cipher()
+            self._ws.send(self._cipher)

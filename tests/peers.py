@@ -4,7 +4,7 @@
   runs the next *script* (a function of one `Peer`), so a test states the
   exact bytes a daemon answers: a refusal, a bad Sec-WebSocket-Accept,
   silence, half a status line, a ping.  Its frame codec is written here
-  from RFC 6455, independently of gforward.frames.
+  from RFC 6455, independently of gforward.proto.frames.
 * `Guest`: a TCP or unix-socket service in threads (the upstream inside the
   "VM"), running one handler per connection; `echo_until_eof` is the echo
   guest every test uses (conftest's `echo_server` and `unix_echo_server`).

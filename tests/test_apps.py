@@ -96,6 +96,13 @@ def test_several_forwarders_started_and_closed_from_different_threads(mode: str)
     assert "hub threads left after closing: 0" in lines
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_stats_and_a_draining_close_from_other_threads(mode: str) -> None:
+    lines = checked(run_app("operate.py", mode))
+    assert "a connection during the drain: refused" in lines
+    assert "stats: total=1 failed=0 up=19 down=22" in lines
+
+
 @pytest.mark.parametrize("load", ["idle", "busy"])
 @pytest.mark.parametrize("mode", MODES)
 def test_exit_with_forwarders_open(mode: str, load: str, short_tmp: str) -> None:
@@ -162,7 +169,7 @@ def test_idle_process_uses_no_cpu(mode: str, short_tmp: str) -> None:
 
 # Closing while a tunnel lingers ----------------------------------------------------------
 # In-process: found while writing the apps above (a close() that took JOIN_TIMEOUT and
-# logged "did not end in time" on their stderr, since fixed in pump.py).
+# logged "did not end in time" on their stderr).
 
 @pytest.mark.parametrize(
     ("guest", "closing"),

@@ -25,7 +25,7 @@ import pytest
 
 import gforward
 import gforward.daemon
-import gforward.service
+import gforward.hub
 from tests.peers import READ_TIMEOUT, Guest, Programs, echo_until_eof
 from tests.resolver import Scripted
 from tests.support import (
@@ -180,45 +180,6 @@ def test_allow_can_open_a_non_loopback_pattern_only(programs: Programs) -> None:
 # --allow: what is dialled, not how it is spelled ---------------------------
 
 
-@pytest.mark.parametrize(("path", "normalised"), [
-    ("/run/guest.sock", "/run/guest.sock"),
-    ("/srv/../var/run/docker.sock", "/var/run/docker.sock"),
-    ("/srv/./a//b.sock", "/srv/a/b.sock"),
-    ("//srv/a.sock", "/srv/a.sock"),
-    ("/../../etc/x.sock", "/etc/x.sock"),
-])
-def test_unix_paths_are_normalised(path: str, normalised: str) -> None:
-    assert gforward.daemon.normalise_path(path) == normalised
-
-
-@pytest.mark.parametrize(("pattern", "target", "matches"), [
-    ("[::1]:*", "[::1]:80", True),
-    ("[::1]:*", "1:80", False),  # brackets are not a glob class of ':' and '1'
-    ("[::1]:*", ":80", False),
-    ("[0:0::1]:80", "[::1]:80", True),  # the same address, spelled differently
-    ("[FE80::1]:*", "[fe80::1]:22", True),
-    ("[*]:*", "[2001:db8::1]:22", True),
-    ("[*]:*", "192.0.2.1:22", False),
-    ("10.0.0.*:*", "10.0.0.5:22", True),
-    ("10.0.0.*:*", "110.0.0.5:22", False),
-    ("127.0.0.?:80", "127.0.0.5:80", True),
-    ("127.0.0.?:80", "127.0.0.15:80", False),
-    ("unix:/srv/*", "unix:/srv/a.sock", True),
-    ("unix:/srv/*", "unix:/srvx/a.sock", False),
-    ("unix://srv/./x/../*", "unix:/srv/a.sock", True),
-    ("*", "unix:/anything", True),
-])
-def test_patterns_with_literal_brackets(pattern: str, target: str, matches: bool) -> None:
-    assert bool(gforward.daemon.compile_pattern(pattern).fullmatch(target)) is matches
-
-
-def test_every_address_of_a_name_must_be_allowed() -> None:
-    patterns = [gforward.daemon.compile_pattern("127.0.0.1:*")]
-    assert gforward.daemon.allowed(["127.0.0.1:80"], patterns)
-    assert not gforward.daemon.allowed(["127.0.0.1:80", "[::1]:80"], patterns)
-    assert not gforward.daemon.allowed([], patterns)  # a name without addresses
-
-
 @pytest.mark.parametrize("pattern", ["localhost:*", "db.internal:5432", "*.example.com:*",
                                      "8080", ":80"])
 def test_a_pattern_that_names_a_host_is_a_usage_error(programs: Programs, pattern: str) -> None:
@@ -305,7 +266,7 @@ def test_the_checked_addresses_are_dialled_with_no_second_lookup(
     """A name that would resolve elsewhere the second time (DNS rebinding) is dialled where
     it resolved when it was checked."""
     rebinding = Scripted("127.0.0.1", "0.0.0.0")
-    monkeypatch.setattr(gforward.service._HubThread.shared().hub, "resolver", rebinding)
+    monkeypatch.setattr(gforward.hub.HubThread.shared().hub, "resolver", rebinding)
     with gforward.daemon.start() as daemon:  # in that hub's thread
         port = echo_server.rsplit(":", 1)[1]
         assert forward_echo(daemon.url, f"rebind.test:{port}", payload=b"once") == b"once"

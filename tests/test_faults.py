@@ -359,9 +359,12 @@ def _protocol_error(bad: bytes, answers: list[int | None]) -> Script:
 def test_bytes_before_a_protocol_error_still_arrive() -> None:
     """Valid data and a broken frame in one packet: the data reaches the client, then
     the reset.  Nothing the daemon sent properly is lost to the error after it."""
+    connected = threading.Event()
+
     def script(peer: Peer) -> None:
         peer.read_request()
         peer.accept()
+        connected.wait(WAIT)  # else the reset can reach the client inside its connect()
         peer.send(encode_frame(OP_BINARY, b"last ") + encode_frame(OP_TEXT, b"words")
                   + PROTOCOL_ERRORS["RSV1 set"][0])
         wait_eof_quietly(peer)
@@ -369,6 +372,7 @@ def test_bytes_before_a_protocol_error_still_arrive() -> None:
     with FakeDaemon(script) as fake, forward(fake.url, token=TOKEN) as fwd, connect(
         fwd
     ) as sock:
+        connected.set()
         end = watch_end(sock)
     assert (end.seen, end.data) == ("reset", b"last words")
 

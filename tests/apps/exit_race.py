@@ -18,7 +18,7 @@ import threading
 
 import support
 
-from gforward import service
+from gforward import live, service
 
 ROUNDS = 5
 SERVICES = 400
@@ -46,7 +46,7 @@ def main() -> int:
         closer = threading.Thread(target=close_all, args=(services[::2],))
         closer.start()
         try:
-            service._close_live_services()
+            live._close_live_services()
         except RuntimeError as exc:
             problems.append(f"round {n}: the exit hook failed: {exc!r}")
         closer.join()

@@ -54,7 +54,7 @@ def main() -> int:
     fwd = gforward.start(base_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
                          vm_name="fork", specs=["127.0.0.1:0:127.0.0.1:9"])
     spawned, forked = threading.Event(), threading.Event()
-    server = fwd._servers[0]
+    server = fwd._doors[0].server
     server._spawn = held_after_spawn(server._spawn, spawned, forked)
     client = socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10)
     if not spawned.wait(10):

@@ -53,8 +53,9 @@ warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks",
 
 def gforward_inodes(*services: Service) -> set[int]:
     """Inodes of the sockets these services hold: listeners and tunnels (private state)."""
-    sockets = [listening.sock for s in services for listening in s._listening]
-    sockets += [sock for s in services for c in s._connections for sock in c.sockets]
+    sockets = [door.bound.sock for s in services for door in s._doors]
+    sockets += [sock for s in services for door in s._doors for c in door.connections
+                for sock in c.sockets]
     return {os.fstat(sock.fileno()).st_ino for sock in sockets if sock.fileno() >= 0}
 
 

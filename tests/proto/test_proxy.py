@@ -1,4 +1,4 @@
-"""gforward.proxy without sockets: which proxy, NO_PROXY, the CONNECT request and its answer.
+"""gforward.proto.proxy without sockets: which proxy, NO_PROXY, the CONNECT request and its answer.
 
 Where the module claims to do what urllib.request does, the tests ask urllib
 itself; where it claims to differ, they pin the difference down.
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gforward.mapping import join_host_port
-from gforward.proxy import (
+from gforward.proto.mapping import join_host_port
+from gforward.proto.proxy import (
     ConnectHandshake,
     Proxy,
     ProxyError,

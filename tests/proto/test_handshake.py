@@ -14,8 +14,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from gforward.errors import ForwardError
-from gforward.frames import OP_BINARY, FrameReader, encode_frame
-from gforward.handshake import (
+from gforward.proto.frames import OP_BINARY, FrameReader, encode_frame
+from gforward.proto.handshake import (
     BODY_PREVIEW,
     MAX_HEAD,
     Accepted,

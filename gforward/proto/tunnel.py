@@ -54,19 +54,19 @@ class Tunnel:
 
     __slots__ = ("_close_received", "_close_sent", "_closing_at", "_heard_at", "_mask",
                  "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_ws_gone",
-                 "failed", "outcome", "reading_plain", "sent", "shut_plain", "to_plain",
-                 "to_ws", "ws_skip")
+                 "cause", "failed", "outcome", "reading_plain", "sent", "shut_plain", "to_plain",
+                 "to_ws")
 
     def __init__(self, *, client: bool, ping_interval: float = 0.0, ping_timeout: float = 0.0,
                  now: float = 0.0) -> None:
         self.to_ws: list[Buffer] = []  # frames for the WebSocket, two buffers each
         self.to_plain: list[Buffer] = []  # payload for plain
-        self.ws_skip = 0  # buffers at the front of to_ws that a control frame must not pass
         self.sent = 0  # payload bytes taken from plain
         self.reading_plain = True
         self.shut_plain = False  # shut plain for writing once to_plain is empty
         self.outcome = ""  # why the tunnel ended; "" while it goes on
         self.failed = False  # it ended abnormally: reset plain
+        self.cause = ""  # why it failed, as a short key ("lost", "keepalive", ...)
         self._mask = client  # a client masks its frames, a server does not (RFC 6455 5.1)
         self._reader = frames.FrameReader(masked=not client)
         self._close_sent = False  # our Close is queued
@@ -90,21 +90,24 @@ class Tunnel:
         self.reading_plain = False
         self._queue_close(frames.CLOSE_NORMAL, "")
 
-    def ws_data(self, data: Buffer, now: float) -> None:
-        """Bytes read from the WebSocket: payloads for plain, control frames acted on."""
+    def ws_data(self, data: Buffer, now: float) -> int:
+        """Bytes read from the WebSocket: payloads for plain, control frames acted on.
+        Returns how many payload bytes went onto to_plain."""
         self._heard_at = now
+        before = self._reader.received
         try:
             controls = self._reader.feed(data, self.to_plain)
         except ProtocolError as exc:
             self._queue_close(exc.code, exc.reason)  # best effort: the peer may be stuck too
-            self._end(f"protocol error: {exc.reason}", failed=True)
-            return
+            self._end(f"protocol error: {exc.reason}", "protocol")
+            return self._reader.received - before
         for control in controls:
             if type(control) is frames.Ping:
                 if not (self._close_sent and self._close_received):  # not once both are out
                     self._urgent(OP_PONG, control.payload)
             elif type(control) is frames.Close:
                 self._on_close(control)
+        return self._reader.received - before
 
     def ws_lost(self, reason: str, *, backlog: bool = False) -> None:
         """The WebSocket's stream ended or failed.  After the peer's Close that is its way
@@ -114,11 +117,11 @@ class Tunnel:
             self.to_ws.clear()
             self._ws_gone = True
         else:
-            self._end(reason, failed=True)
+            self._end(reason, "lost")
 
-    def error(self, reason: str) -> None:
-        """Plain failed (a reset, say): the tunnel is cut."""
-        self._end(reason, failed=True)
+    def error(self, reason: str, cause: str = "local") -> None:
+        """Plain failed (a reset, say), or the driver did: the tunnel is cut."""
+        self._end(reason, cause)
 
     def abort(self, reason: str) -> None:
         """Ended from outside (the forwarder closes): not a failure; the peer is told
@@ -145,7 +148,7 @@ class Tunnel:
             return now + self._ping_interval
         if self._ping_at is not None and self._heard_at < self._ping_at:
             if now - self._ping_at >= self._ping_timeout:
-                self._end(f"no answer to a ping within {self._ping_timeout:g} s", failed=True)
+                self._end(f"no answer to a ping within {self._ping_timeout:g} s", "keepalive")
                 return None
             return self._ping_at + self._ping_timeout
         if now - self._heard_at >= self._ping_interval:
@@ -175,12 +178,6 @@ class Tunnel:
         return (self._close_received and not self.to_ws and not self.to_plain
                 and (self._close_sent or self._ws_gone))
 
-    def sent_to_ws(self, count: int) -> None:
-        """The driver wrote `count` bytes off the front of to_ws (less than all of it)."""
-        partial = consume(self.to_ws, count)
-        # Frames are buffer pairs: an odd count means the head frame's header went out.
-        self.ws_skip = 1 if len(self.to_ws) % 2 else 2 if partial else 0
-
     # Rules -------------------------------------------------------------------
 
     def _on_close(self, close: frames.Close) -> None:
@@ -195,7 +192,7 @@ class Tunnel:
             self.reading_plain = False
             self._queue_close(close.code, "")
             self._end(f"peer closed with code {close.code} {close.reason!r}".rstrip(),
-                      failed=True)
+                      f"close {close.code}")
 
     def _queue_close(self, code: int, reason: str) -> None:
         if not self._close_sent:
@@ -204,22 +201,28 @@ class Tunnel:
                                              mask=self._mask)
 
     def _urgent(self, opcode: int, payload: bytes) -> None:
-        """A control frame goes right after the frame being written, ahead of the rest."""
-        at = self.ws_skip if self.to_ws else 0
-        self.to_ws[at:at] = frames.frame_parts(opcode, payload, mask=self._mask)
-        self.ws_skip = at + 2
+        """A control frame goes right after the frame being written, ahead of the rest.
 
-    def _end(self, reason: str, *, failed: bool = False) -> None:
-        """The first reason given is the one kept."""
+        Frames are buffer pairs and headers are made as bytes, so the queue itself says
+        how far the head frame got: an odd length means its header went out, and a
+        header cut into (a memoryview, see `consume`) means part of it did."""
+        out = self.to_ws
+        at = 1 if len(out) % 2 else 2 if out and type(out[0]) is memoryview else 0
+        out[at:at] = frames.frame_parts(opcode, payload, mask=self._mask)
+
+    def _end(self, reason: str, cause: str = "") -> None:
+        """The first reason given is the one kept; a `cause` (a short key for counters)
+        makes the end a failure."""
         if not self.outcome:
             self.outcome = reason
-            self.failed = failed
+            self.cause = cause
+            self.failed = bool(cause)
             self.reading_plain = False
 
 
-def consume(buffers: list[Buffer], count: int) -> bool:
-    """Drop `count` bytes off the front of `buffers` (a queue the driver wrote from);
-    True if the new head was cut into."""
+def consume(buffers: list[Buffer], count: int) -> None:
+    """Drop `count` bytes off the front of `buffers` (a queue the driver wrote from); a
+    buffer cut into is left as a memoryview of its rest."""
     done = 0
     for buf in buffers:
         size = len(buf)
@@ -230,5 +233,4 @@ def consume(buffers: list[Buffer], count: int) -> bool:
     del buffers[:done]
     if count:
         buffers[0] = memoryview(buffers[0])[count:]
-    return bool(count)
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import SpecError
+from ..errors import SpecError
 
 __all__ = ["AddressMapping", "is_local_path", "parse_address_mapping", "resolve_local_path"]
 
@@ -125,6 +125,21 @@ def parse_remote_target(target: str) -> AddressMapping:
         mapping.remote_port = _port(parts[1], "remote", minimum=1)
     except ValueError as exc:
         raise SpecError(f"invalid upstream {target!r}: {exc}") from None
+    return mapping
+
+
+def parse_listen_address(text: str) -> AddressMapping:
+    """A listen side alone, HOST:PORT or [V6]:PORT (port 0: any free one), for the
+    reference daemon's --listen; SpecError otherwise."""
+    mapping = AddressMapping(raw_spec=text)
+    try:
+        parts = _split(text)
+        if len(parts) != 2:
+            raise ValueError("expected HOST:PORT (--unix for paths)")
+        mapping.listen_addr = _host(parts[0], "listen")
+        mapping.listen_port = _port(parts[1], "listen", minimum=0)
+    except ValueError as exc:
+        raise SpecError(f"invalid listen address {text!r}: {exc}") from None
     return mapping
 
 

@@ -20,7 +20,7 @@ from wsproto import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
 
-from .errors import ForwardError
+from ..errors import ForwardError
 
 MAX_HEAD = 64 * 1024  # an answer head larger than this is not a daemon talking
 BODY_PREVIEW = 200  # how much of a refusal's body goes into the log line
@@ -29,7 +29,8 @@ Headers = Sequence[tuple[str, str]]
 
 
 class HandshakeError(ForwardError):
-    """The upgrade did not end in a valid 101; `status_line` and `body` say why."""
+    """The upgrade did not end in a valid 101; `status_line` and `body` say why, `status`
+    is the answer's code (0 when none came), and `cause` is "http NNN" for a refusal."""
 
     def __init__(self, reason: str, status_line: str = "", body: bytes = b"") -> None:
         detail = reason
@@ -37,10 +38,16 @@ class HandshakeError(ForwardError):
             detail += f": {status_line}"
         if body:
             detail += f" {printable(body)}"
-        super().__init__(detail)
+        match = _STATUS.match(status_line)
+        self.status = int(match.group(1)) if match else 0
+        refused = self.status and self.status != 101
+        super().__init__(detail, f"http {self.status}" if refused else "handshake")
         self.reason = reason
         self.status_line = status_line
         self.body = body
+
+
+_STATUS = re.compile(r"HTTP/\d\.\d (\d{3})\b")
 
 
 def printable(data: bytes) -> str:

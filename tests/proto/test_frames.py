@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode, XorMaskerSimple
 
-from gforward import frames
-from gforward.frames import (
+from gforward.proto import frames
+from gforward.proto.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gforward.endpoint import Endpoint, parse_base_url
+from gforward.proto.endpoint import Endpoint, parse_base_url
 
 # fmt: off
 TCP_CASES = [

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gforward.errors import ForwardError, SpecError
-from gforward.mapping import AddressMapping, parse_address_mapping
+from gforward.proto.mapping import AddressMapping, parse_address_mapping
 
 # spec, listen_addr, listen_port, listen_unix_path, remote_host, remote_port,
 # remote_unix_path, remote_target(), listen_address(); "{cwd}" is the test's cwd.

@@ -59,8 +59,8 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 
+from ..errors import ForwardError
 from .endpoint import mask_userinfo, split_host_port
-from .errors import ForwardError
 from .handshake import printable
 from .mapping import join_host_port
 
@@ -80,6 +80,9 @@ MAX_HEAD = 16 * 1024  # h11's own default bound on one answer head
 
 class ProxyError(ForwardError):
     """The proxy could not be used: unreachable, refused the CONNECT, or answered nonsense."""
+
+    def __init__(self, message: str, cause: str = "proxy") -> None:
+        super().__init__(message, cause)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The tunnel's rules (gforward.tunnel), without a socket: bytes in, queues and verdicts out,
+"""The tunnel's rules (gforward.proto.tunnel), without a socket: bytes in, queues and verdicts out,
 with a fake clock for keepalive.  wsproto reads what the tunnel writes."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 import pytest
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from gforward.frames import OP_BINARY, OP_CLOSE, OP_PING, encode_frame
-from gforward.tunnel import MAX_WS_BACKLOG, Tunnel, consume
+from gforward.proto.frames import OP_BINARY, OP_CLOSE, OP_PING, encode_frame
+from gforward.proto.tunnel import MAX_WS_BACKLOG, Tunnel, consume
 
 INTERVAL, TIMEOUT = 30.0, 10.0
 
@@ -29,7 +29,6 @@ def sent_frames(tunnel: Tunnel, *, client: bool = True) -> list[tuple[Opcode, by
     proto = FrameProtocol(client=not client, extensions=[])
     proto.receive_bytes(b"".join(bytes(b) for b in tunnel.to_ws))
     tunnel.to_ws.clear()
-    tunnel.ws_skip = 0
     found = []
     for frame in proto.received_frames():
         payload = frame.payload
@@ -167,7 +166,7 @@ def test_ping_is_answered_after_the_frame_being_written_and_before_the_rest() ->
     tunnel = Tunnel(client=True)
     tunnel.plain_data(b"a" * 1000)
     tunnel.plain_data(b"b" * 1000)
-    tunnel.sent_to_ws(500)  # the driver got half of the first frame out
+    consume(tunnel.to_ws, 500)  # the driver got half of the first frame out
     tunnel.ws_data(peer_frame(OP_PING, b"are you there"), 0.0)
     rest = b"".join(bytes(b) for b in tunnel.to_ws)
     first_left = 1000 + 8 - 500  # header (2 + 2 + 4 mask) and payload, less what went
@@ -186,10 +185,29 @@ def test_pings_after_both_closes_are_not_answered() -> None:
 
 def test_consume_cuts_into_the_head() -> None:
     buffers: list = [b"abc", b"defg", b"h"]
-    assert consume(buffers, 5) is True
+    consume(buffers, 5)
     assert [bytes(b) for b in buffers] == [b"fg", b"h"]
-    assert consume(buffers, 2) is False
+    assert isinstance(buffers[0], memoryview)
+    consume(buffers, 2)
     assert buffers == [b"h"]
+
+
+def test_a_ping_goes_first_when_no_frame_has_started() -> None:
+    tunnel = Tunnel(client=True)
+    tunnel.plain_data(b"a" * 1000)
+    tunnel.ws_data(peer_frame(OP_PING, b"?"), 0.0)
+    assert [op for op, _ in sent_frames(tunnel)] == [Opcode.PONG, Opcode.BINARY]
+
+
+def test_a_ping_waits_for_a_header_cut_into() -> None:
+    tunnel = Tunnel(client=True)
+    tunnel.plain_data(b"a" * 1000)
+    consume(tunnel.to_ws, 2)  # half of the 2 + 2 + 4 byte header went
+    tunnel.ws_data(peer_frame(OP_PING, b"?"), 0.0)
+    rest = b"".join(bytes(b) for b in tunnel.to_ws)
+    proto = FrameProtocol(client=False, extensions=[])
+    proto.receive_bytes(rest[6 + 1000:])
+    assert [f.opcode for f in proto.received_frames()] == [Opcode.PONG]
 
 
 # Keepalive, with a fake clock ---------------------------------------------------------
