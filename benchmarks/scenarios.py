@@ -226,7 +226,7 @@ def idle(run: Run) -> None:
 
         result = run.attempt("idle", column, work)
         if result is not None:
-            run.raw[column.key]["idle"] = result
+            run.keep("idle", column, result)
             log_idle(column, result)
         wait_quiet(daemon.child.pid, daemon_fds)
 

@@ -11,8 +11,11 @@ Everything runs on loopback, each part in its own process, as in real use: a
 guest service (benchmarks/guest.py), the daemon (the reference one,
 `python -m gforward.daemon`, unless --daemon), gforward as a process (its
 command line), an "app" that calls gforward.start() and runs the load itself,
-and any other forwarder given with --peer. Each workload (benchmarks/scenarios.py)
-runs in every column, one after the other; the table puts gforward beside the
+and any other forwarder given with --peer. Each rate-like workload
+(benchmarks/scenarios.py) runs in --rounds rounds, every column once a round,
+the columns' order rotating from round to round; the table gives the median
+over rounds, and ratios as the median of each round's ratio, so that the
+machine's drift from minute to minute cancels. It puts gforward beside the
 direct path (the limit) and beside the first peer, against the project's targets.
 
 Command templates take placeholders. --peer: {python} (this interpreter),
@@ -99,6 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="concurrent connections of the request and setup workloads (default 50)")
     add("--depth", type=int, default=8, help="requests in flight per pipelined connection")
     add("--seconds", type=float, help="measured window per request workload (default 3)")
+    add("--rounds", type=int, help="rounds of each rate-like workload, every column once a"
+        " round in a rotating order; figures are medians (default 3; 1 with --quick)")
     add("--idle", type=int, help="one idle-tunnel step of this many instead")
     add("--no-memory", action="store_true", help="skip the idle-tunnel scenario")
     add("--profile", metavar="DIR", help="also py-spy the gforward process (benchmarks/"
@@ -111,6 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.deadline is None:
         args.deadline = 120.0 if args.quick else 1800.0
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds takes a number of rounds, 1 or more")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(args.modes) - {c.key for c in BUILTIN}:
         parser.error("--modes takes some of direct,process,app")
