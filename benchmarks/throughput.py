@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """gforward's throughput benchmark: the direct path to a guest, gforward, and other forwarders.
 
-    python benchmarks/throughput.py                  # full run (minutes)
+    python benchmarks/throughput.py                  # full run (~7 min with one peer)
     python benchmarks/throughput.py --quick          # a few seconds: the CI smoke test
     python benchmarks/throughput.py --only requests,echo \
         --peer slicer='slicer vm forward {vm} -L {spec} --url {url} --token-file {token_file}'
@@ -95,13 +95,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="built-in columns to run, comma-separated: direct,process,app")
     add("--json", metavar="FILE", help="write the raw figures as JSON")
     add("--plot", metavar="FILE.png", help="plot throughput (needs matplotlib)")
-    add("--size", type=parse_size, help="bytes per bulk stream (default 1G; 32M quick)")
+    add("--size", type=parse_size, help="bytes per bulk stream (default 512M; 32M quick)")
     add("--round-trips", type=int, help="echo round trips (default 5000)")
     add("--connections", type=int, help="connections per setup scenario (default 2000)")
     add("--clients", type=int, default=50,
         help="concurrent connections of the request and setup workloads (default 50)")
     add("--depth", type=int, default=8, help="requests in flight per pipelined connection")
-    add("--seconds", type=float, help="measured window per request workload (default 3)")
+    add("--seconds", type=float, help="measured window per request workload (default 2)")
     add("--rounds", type=int, help="rounds of each rate-like workload, every column once a"
         " round in a rotating order; figures are medians (default 3; 1 with --quick)")
     add("--idle", type=int, help="one idle-tunnel step of this many instead")
