@@ -249,10 +249,10 @@ def cell(run: Run, column: Column, fig: Figure) -> tuple[list[float | None], str
         try:
             value = fig.value(view)
         except Missing as exc:
-            if index and exc.key in raw and index >= len(raw[exc.key]):
-                break  # the workload ran once: the figure has no more rounds
-            values.append(None)
             whys.append(run.missing[column.key].get(exc.key, str(exc)))
+            if exc.key not in raw or index >= len(raw[exc.key]):
+                break  # never run here, no such figure, or no more rounds (a single shot)
+            values.append(None)  # this round failed or was not run
             continue
         except (KeyError, TypeError, ZeroDivisionError) as exc:
             values.append(None)
@@ -263,7 +263,7 @@ def cell(run: Run, column: Column, fig: Figure) -> tuple[list[float | None], str
             notes.append(note)
         values.append(value)
     if all(v is None for v in values):
-        return values, "", whys[0] if whys else "not run"
+        return values, "", whys[0]
     return values, next((n for n in notes if n), ""), ""
 
 
