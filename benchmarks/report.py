@@ -2,7 +2,7 @@
 
 Each `Figure` reads one number from one column's raw results of one round.
 A column's figure is the median over rounds; a ratio between two columns is
-taken in each round first (the two were measured minutes apart at most, so the
+taken in each round first (the two were measured seconds apart, so that the
 machine's drift cancels) and the median of those is what the table shows and
 the targets are checked against. Targets are the project's: most are ratios to
 the first `--peer` (another forwarder, run side by side in the same run), a few
