@@ -1,14 +1,20 @@
 """From raw results to what a run reports: figures, targets, the table, JSON and a plot.
 
-Each `Figure` reads one number from one column's raw results. Targets are the
-project's: most are ratios to the first `--peer` (another forwarder, run side
-by side in the same run), a few are absolute bounds. No other forwarder's
-figure is ever written here: without a peer, those targets say "needs --peer".
+Each `Figure` reads one number from one column's raw results of one round.
+A column's figure is the median over rounds; a ratio between two columns is
+taken in each round first (the two were measured seconds apart, so that the
+machine's drift cancels) and the median of those is what the table shows and
+the targets are checked against. Targets are the project's: most are ratios to
+the first `--peer` (another forwarder, run side by side in the same run), a few
+are absolute bounds. No other forwarder's figure is ever written here: without
+a peer, those targets say "needs --peer".
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -219,45 +225,90 @@ def figures(run: Run) -> list[Figure]:
 # The table's numbers ----------------------------------------------------------------------
 
 GFORWARD = ("process", "app")
+SPREAD = 0.10  # per-round ratios further apart than this (of their median) show their range
 
 
-def cell(run: Run, column: Column, fig: Figure) -> tuple[float | None, str, str]:
-    """(value, note, why none) of one figure in one column."""
+def round_views(raw: dict[str, list[dict[str, Any] | None]]) -> list[dict[str, Any]]:
+    """One column's raw results as one dict a round: each workload's result of that round."""
+    count = max((len(results) for results in raw.values()), default=1)
+    return [{key: results[index] for key, results in raw.items()
+             if index < len(results) and results[index] is not None}
+            for index in range(max(count, 1))]
+
+
+def cell(run: Run, column: Column, fig: Figure) -> tuple[list[float | None], str, str]:
+    """(value of each round, note, why none) of one figure in one column. A figure of a
+    single-shot workload has one round."""
     if column.key == "direct" and not fig.direct:
-        return None, "", "no forwarder"
-    try:
-        value = fig.value(run.raw[column.key])
-    except Missing as exc:
-        return None, "", run.missing[column.key].get(exc.key, str(exc))
-    except (KeyError, TypeError, ZeroDivisionError) as exc:
-        return None, "", f"no figure ({type(exc).__name__}: {exc})"
-    if isinstance(value, tuple):
-        return value[0], value[1], ""
-    return value, "", ""
+        return [], "", "no forwarder"
+    raw = run.raw[column.key]
+    values: list[float | None] = []
+    notes: list[str] = []
+    whys: list[str] = []
+    for index, view in enumerate(round_views(raw)):
+        try:
+            value = fig.value(view)
+        except Missing as exc:
+            whys.append(run.missing[column.key].get(exc.key, str(exc)))
+            if exc.key not in raw or index >= len(raw[exc.key]):
+                break  # never run here, no such figure, or no more rounds (a single shot)
+            values.append(None)  # this round failed or was not run
+            continue
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            values.append(None)
+            whys.append(f"no figure ({type(exc).__name__}: {exc})")
+            continue
+        if isinstance(value, tuple):
+            value, note = value
+            notes.append(note)
+        values.append(value)
+    if all(v is None for v in values):
+        return values, "", whys[0]
+    return values, next((n for n in notes if n), ""), ""
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values there are (None if none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def per_round_ratios(ours: Sequence[float | None],
+                     theirs: Sequence[float | None]) -> list[float | None]:
+    """ours / theirs within each round: two columns measured close together in time."""
+    return [a / b if a is not None and b else None for a, b in zip(ours, theirs)]
 
 
 def compute(run: Run) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
-    """Every figure in every column, ratios to direct and to the first peer, targets."""
+    """Every figure in every column (medians over rounds), ratios to direct and to the first
+    peer (medians of the per-round ratios), targets."""
     figs = figures(run)
     peer = run.peers[0] if run.peers else None
     table: dict[str, dict[str, Any]] = {}
     for fig in figs:
         row: dict[str, Any] = {"label": fig.label, "unit": fig.unit, "process": None,
-                               "app": None, "direct": None}
+                               "app": None, "direct": None, "rounds": {}}
         for column in run.columns:
-            value, note, why = cell(run, column, fig)
-            row[column.key] = value
+            values, note, why = cell(run, column, fig)
+            row[column.key] = median(values)
+            row["rounds"][column.key] = values
             if note:
                 row.setdefault("notes", {})[column.key] = note
             if why:
                 row.setdefault("skipped", {})[column.key] = why
+        rounds = row["rounds"]
         for mode in GFORWARD:
-            value = row[mode]
-            row[f"ratio_{mode}"] = (value / row["direct"] if fig.direct and row["direct"]
-                                    and value is not None else None)
+            ours = rounds.get(mode, [])
+            if fig.direct:
+                per_round = per_round_ratios(ours, rounds.get("direct", []))
+                row[f"ratio_{mode}_rounds"] = per_round
+                row[f"ratio_{mode}"] = median(per_round)
+            else:
+                row[f"ratio_{mode}"] = None
             if peer is not None:
-                theirs = row.get(peer.key)
-                row[f"vs_peer_{mode}"] = value / theirs if theirs and value is not None else None
+                per_round = per_round_ratios(ours, rounds.get(peer.key, []))
+                row[f"vs_peer_{mode}_rounds"] = per_round
+                row[f"vs_peer_{mode}"] = median(per_round)
         if peer is not None:
             row["peer"] = peer.key
         target = TARGETS.get(fig.key)
@@ -281,9 +332,20 @@ def fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def ratio(row: dict[str, Any], name: str) -> str:
+    """A median ratio, with the range of the per-round ones when they disagree much."""
+    value = row.get(name)
+    if value is None:
+        return "-"
+    text = f"{value:.2f}x"
+    per_round = [v for v in row.get(f"{name}_rounds", []) if v is not None]
+    if len(per_round) > 1 and (max(per_round) - min(per_round)) > SPREAD * value:
+        text += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+    return text
+
+
 def ratios(row: dict[str, Any], prefix: str) -> str:
-    cells = [row.get(f"{prefix}_{mode}") for mode in GFORWARD]
-    return " / ".join("-" if v is None else f"{v:.2f}x" for v in cells)
+    return " / ".join(ratio(row, f"{prefix}_{mode}") for mode in GFORWARD)
 
 
 def print_table(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) -> None:
@@ -329,7 +391,8 @@ def print_table(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
     p = run.p
     print(f"sizes: {p.size / 2**20:g} MiB per stream, {p.rtt_count} round trips,"
           f" {p.setup_count} connections per setup scenario, {p.seconds:g} s per request"
-          f" workload, idle steps {p.idle_steps}")
+          f" workload, idle steps {p.idle_steps}; {p.rounds} round{'s' * (p.rounds > 1)}"
+          " of each rate-like workload")
     for column in run.columns:
         if column.command:
             print(f"{column.title}: {column.command}")
@@ -362,6 +425,12 @@ def print_notes(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
         print("\nFAILED:")
         for failure in run.failures:
             print(f"  {failure}")
+    if run.p.rounds > 1:
+        print(f"\nrounds: each rate-like workload ran {run.p.rounds} times, every column once a"
+              " round, the columns' order\n  rotating from round to round; a figure is the"
+              " median over rounds, a ratio the median of the\n  ratios within each round,"
+              f" followed by (lowest-highest) when those differ by more than {SPREAD:.0%}."
+              "\n  Memory and the busy app ran once.")
     print("\nnotes: MB = 10^6 bytes. Ratios: gforward's figure over the other column's."
           "\n  'in-app' RSS is the whole app process (its load generator included); in-app"
           " forwarder CPU\n  is the app's less the load generator's own thread time. A peer's"
@@ -376,30 +445,53 @@ def print_notes(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
             print(f"  {line}")
 
 
+PROCESSES = ("forwarder", "daemon", "guest", "load generator")  # of the CPU breakdown
+
+
 def print_cpu_breakdown(run: Run) -> None:
-    """CPU of every process per unit of work in each workload: where the time goes."""
-    print("\nCPU by process (utime+stime, of it sys), per GiB or per operation:")
-    names = ["forwarder", "daemon", "guest"]
+    """CPU of every process per unit of work in each workload: where the time goes (medians
+    over rounds, as the table's)."""
+    rounds = f", medians of {run.p.rounds} rounds" if run.p.rounds > 1 else ""
+    print(f"\nCPU by process (utime+stime, of it sys), per GiB or per operation{rounds}:")
     keys = list(dict.fromkeys(k for col in run.raw.values() for k in col))
     for key in keys:
         for column in run.columns:
-            r = run.raw[column.key].get(key)
-            if r is None or "cpu" not in r:
+            measured = [m for r in run.raw[column.key].get(key, [])
+                        if r is not None and (m := cpu_per_unit(r)) is not None]
+            if not measured:
                 continue
-            if "bytes" in r:
-                per, unit = r["bytes"] / GiB, "s/GiB"
-            elif r.get("count"):
-                per, unit = r["count"] / 1e6, "us/op"
-            else:
-                continue
-            cpu = dict(r["cpu"])
-            cpu["forwarder"] = r.get("forwarder_cpu")
-            system = r.get("cpu_sys", {})
-            cells = [f"{n} {cpu[n] / per:.2f}" + (f" (sys {system[n] / per:.2f})"
-                                                  if n in system else "")
-                     for n in names if cpu.get(n) is not None]
-            cells.append(f"load generator {r['loadgen_cpu'] / per:.2f}")
+            unit = measured[0][0]
+            cells = []
+            for name in PROCESSES:
+                value = median([cpu.get(name) for _, cpu in measured])
+                if value is None:
+                    continue
+                system = median([cpu.get(f"{name} sys") for _, cpu in measured])
+                cells.append(f"{name} {value:.2f}"
+                             + (f" (sys {system:.2f})" if system is not None else ""))
             print(f"  {key:<15} {unit:<5} {column.title:<19} " + ", ".join(cells))
+
+
+def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
+    """(unit, CPU per GiB or per operation of each process, and of its system time as
+    "NAME sys") of one result, None if it has no CPU figures."""
+    if "cpu" not in r:
+        return None
+    if "bytes" in r:
+        per, unit = r["bytes"] / GiB, "s/GiB"
+    elif r.get("count"):
+        per, unit = r["count"] / 1e6, "us/op"
+    else:
+        return None
+    cpu = {**r["cpu"], "forwarder": r.get("forwarder_cpu"), "load generator": r["loadgen_cpu"]}
+    system = r.get("cpu_sys", {})
+    out: dict[str, float] = {}
+    for name in PROCESSES:
+        if cpu.get(name) is not None:
+            out[name] = cpu[name] / per
+            if name in system:
+                out[f"{name} sys"] = system[name] / per
+    return unit, out
 
 
 # Files ----------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def idle(run: Run) -> None:
 
         result = run.attempt("idle", column, work)
         if result is not None:
-            run.raw[column.key]["idle"] = result
+            run.keep("idle", column, result)
             log_idle(column, result)
         wait_quiet(daemon.child.pid, daemon_fds)
 
@@ -267,11 +267,21 @@ def run_all(run: Run) -> None:
             log(f"FAILED: {exc}")
     for name, scenario in OWN.items():
         if name in run.args.only:
+            started = time.monotonic()
             try:
                 scenario(run)
             except BenchError as exc:
                 run.failures.append(f"{name}: {exc}")
                 log(f"{name} FAILED: {exc}")
+            timed(run, name, started)
+
+
+def timed(run: Run, name: str, started: float) -> None:
+    """Log how long a scenario took, and keep it: what a default run costs is planned
+    from these."""
+    seconds = time.monotonic() - started
+    run.info.setdefault("scenario_seconds", {})[name] = round(seconds, 1)
+    log(f"{name} took {seconds:.1f} s")
 
 
 def shared(run: Run, wanted: list[str]) -> None:
@@ -281,7 +291,9 @@ def shared(run: Run, wanted: list[str]) -> None:
     endpoints = run.open_all(daemon, "main", run.columns, app)
     try:
         for name in wanted:
+            started = time.monotonic()
             MAIN[name](run, endpoints)
+            timed(run, name, started)
         if run.args.profile:
             process = [e for e in endpoints if e.column.key == "process"]
             if process and process[0].forwarder is not None:

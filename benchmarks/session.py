@@ -4,7 +4,10 @@
 peer columns; in the app for the in-app one) and reads every process's CPU at
 the edges of the measured window; `Run.attempt` records a column's failure and
 lets the run go on, so that one peer that cannot do something costs only its
-own cells.
+own cells. `Run.run_load` measures a workload in rounds: every column once per
+round, in an order that rotates from round to round, because a shared machine's
+speed drifts by tens of percent from minute to minute and columns measured at
+different moments would compare the moments, not the forwarders.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from benchmarks.columns import (
     credentials,
     make_certificates,
 )
-from benchmarks.protocol import GiB, MiB
+from benchmarks.protocol import MiB
 
 START_TIME = time.monotonic()
 
@@ -62,11 +65,14 @@ class Params:
     io_timeout: float
     settle: float  # with idle tunnels open, before reading RSS
     load_settle: float  # after a load, before its last CPU reading: tunnels wind down
+    rounds: int  # of every rate-like workload, each column once per round
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Params:
         quick = args.quick
-        size = args.size or (32 * MiB if quick else GiB)
+        # With 3 rounds and one peer, these sizes and windows keep a full run near 7 minutes
+        # (1 GiB per stream and 3 s windows took about 10).
+        size = args.size or (32 * MiB if quick else 512 * MiB)
         return cls(
             size=size,
             rtt_count=args.round_trips or (300 if quick else 5000),
@@ -74,7 +80,7 @@ class Params:
             setup_count=args.connections or (100 if quick else 2000),
             concurrency=args.clients,
             idle_steps=[args.idle] if args.idle else ([100] if quick else [1000, 10000]),
-            seconds=args.seconds or (0.2 if quick else 3.0),
+            seconds=args.seconds or (0.2 if quick else 2.0),
             warmup=0.05 if quick else 0.5,
             depth=args.depth,
             request_sizes=[64, 512, 4096],
@@ -87,6 +93,7 @@ class Params:
             io_timeout=10.0 if quick else 30.0,
             settle=0.3 if quick else 1.0,
             load_settle=0.05 if quick else 0.2,
+            rounds=args.rounds or (1 if quick else 3),
         )
 
 
@@ -100,7 +107,9 @@ class Run:
     p: Params
     deadline_at: float
     nofile: int
-    raw: dict[str, dict[str, Any]] = field(default_factory=dict)  # column -> result key -> result
+    # column -> result key -> its results, one a round (None: not run that round); a
+    # single-shot workload (memory, busy) has one
+    raw: dict[str, dict[str, list[dict[str, Any] | None]]] = field(default_factory=dict)
     missing: dict[str, dict[str, str]] = field(default_factory=dict)  # ... -> why none
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -183,28 +192,56 @@ class Run:
             log(f"{key:<11} {column.title:<19} FAILED: {text}")
             return None
 
+    def keep(self, key: str, column: Column, result: dict[str, Any]) -> None:
+        """Keep the result of a single-shot workload: a round of its own."""
+        self.raw[column.key][key] = [result]
+
     def record(self, key: str, column: Column, result: dict[str, Any], text: str) -> None:
-        """Keep a result, and log it with what else the machine was doing meanwhile."""
-        self.raw[column.key][key] = result
+        """Keep a single-shot result, and log it."""
+        self.keep(key, column, result)
+        self.report(key, column, result, text)
+
+    def report(self, key: str, column: Column, result: dict[str, Any], text: str,
+               label: str = "") -> None:
+        """Log a result with what else the machine was doing meanwhile (`label`: its round)."""
+        where = f"{key} ({label}), {column.title}" if label else f"{key}, {column.title}"
         if "window" in result:
             busy = result["other_cpu"] / max(result["window"], 1e-9)
             if result["other_cpu"] >= 0.1 and busy >= 0.1:  # above /proc's 10 ms ticks
                 text += f"  [other load on the machine: {busy:.1f} cores]"
-                self.contended.append(f"{key}, {column.title}: {busy:.1f} cores busy with"
-                                      " processes not of this run")
+                self.contended.append(f"{where}: {busy:.1f} cores busy with processes not"
+                                      " of this run")
             steal = result["steal"] / max(result["window"], 1e-9)
             if result["steal"] >= 0.05 and steal >= 0.05:
                 text += f"  [steal {steal:.1f} cores]"
-        log(f"{key:<11} {column.title:<19} {text}")
+        log(f"{key:<11} {label + ' ' if label else ''}{column.title:<19} {text}")
 
     def run_load(self, key: str, endpoints: list[Endpoint], spec: dict[str, Any],
                  describe: Callable[[dict[str, Any]], str]) -> None:
-        """One workload in each column, one after the other."""
-        for endpoint in endpoints:
-            result = self.attempt(key, endpoint.column,
-                                  functools.partial(self.measure, endpoint, spec))
-            if result is not None:
-                self.record(key, endpoint.column, result, describe(result))
+        """One workload in `rounds` rounds, each column once per round. The order rotates
+        (A B C, then B C A, ...) so that no column always runs first or last; a column that
+        fails is not tried again in later rounds of the workload (its failure is recorded)."""
+        rounds = self.p.rounds
+        results: dict[str, list[dict[str, Any] | None]] = {
+            e.column.key: [None] * rounds for e in endpoints}
+        for column_key, per_round in results.items():
+            self.raw[column_key][key] = per_round
+        failed: set[str] = set()
+        for index in range(rounds):
+            shift = index % max(len(endpoints), 1)
+            for position, endpoint in enumerate(endpoints[shift:] + endpoints[:shift]):
+                column = endpoint.column
+                if column.key in failed:
+                    continue
+                result = self.attempt(key, column,
+                                      functools.partial(self.measure, endpoint, spec))
+                if result is None:
+                    failed.add(column.key)
+                    continue
+                result.update(round=index + 1, position=position + 1)
+                results[column.key][index] = result
+                label = f"round {index + 1}/{rounds}" if rounds > 1 else ""
+                self.report(key, column, result, describe(result), label)
 
     # Endpoints --------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """gforward's throughput benchmark: the direct path to a guest, gforward, and other forwarders.
 
-    python benchmarks/throughput.py                  # full run (minutes)
+    python benchmarks/throughput.py                  # full run (~7 min with one peer)
     python benchmarks/throughput.py --quick          # a few seconds: the CI smoke test
     python benchmarks/throughput.py --only requests,echo \
         --peer slicer='slicer vm forward {vm} -L {spec} --url {url} --token-file {token_file}'
@@ -11,8 +11,11 @@ Everything runs on loopback, each part in its own process, as in real use: a
 guest service (benchmarks/guest.py), the daemon (the reference one,
 `python -m gforward.daemon`, unless --daemon), gforward as a process (its
 command line), an "app" that calls gforward.start() and runs the load itself,
-and any other forwarder given with --peer. Each workload (benchmarks/scenarios.py)
-runs in every column, one after the other; the table puts gforward beside the
+and any other forwarder given with --peer. Each rate-like workload
+(benchmarks/scenarios.py) runs in --rounds rounds, every column once a round,
+the columns' order rotating from round to round; the table gives the median
+over rounds, and ratios as the median of each round's ratio, so that the
+machine's drift from minute to minute cancels. It puts gforward beside the
 direct path (the limit) and beside the first peer, against the project's targets.
 
 Command templates take placeholders. --peer: {python} (this interpreter),
@@ -92,13 +95,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="built-in columns to run, comma-separated: direct,process,app")
     add("--json", metavar="FILE", help="write the raw figures as JSON")
     add("--plot", metavar="FILE.png", help="plot throughput (needs matplotlib)")
-    add("--size", type=parse_size, help="bytes per bulk stream (default 1G; 32M quick)")
+    add("--size", type=parse_size, help="bytes per bulk stream (default 512M; 32M quick)")
     add("--round-trips", type=int, help="echo round trips (default 5000)")
     add("--connections", type=int, help="connections per setup scenario (default 2000)")
     add("--clients", type=int, default=50,
         help="concurrent connections of the request and setup workloads (default 50)")
     add("--depth", type=int, default=8, help="requests in flight per pipelined connection")
-    add("--seconds", type=float, help="measured window per request workload (default 3)")
+    add("--seconds", type=float, help="measured window per request workload (default 2)")
+    add("--rounds", type=int, help="rounds of each rate-like workload, every column once a"
+        " round in a rotating order; figures are medians (default 3; 1 with --quick)")
     add("--idle", type=int, help="one idle-tunnel step of this many instead")
     add("--no-memory", action="store_true", help="skip the idle-tunnel scenario")
     add("--profile", metavar="DIR", help="also py-spy the gforward process (benchmarks/"
@@ -111,6 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.deadline is None:
         args.deadline = 120.0 if args.quick else 1800.0
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds takes a number of rounds, 1 or more")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(args.modes) - {c.key for c in BUILTIN}:
         parser.error("--modes takes some of direct,process,app")

@@ -1,5 +1,6 @@
 """The benchmarks must not rot: `benchmarks/throughput.py --quick` runs every workload, with
-the gforward command line run a second time as a `--peer`, and reports every figure."""
+the gforward command line run a second time as a `--peer`, and reports every figure; with
+`--rounds 2`, figures are medians over rounds and ratios medians of each round's ratio."""
 
 from __future__ import annotations
 
@@ -75,7 +76,41 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         assert not figures[key]["target_vs_peer"], key
     for key in THROUGHPUT:
         for column in ["direct", *FORWARDERS]:
-            assert data["raw"][column][key]["bytes"] > 0
+            [result] = data["raw"][column][key]  # --quick: one round
+            assert result["bytes"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_rounds_give_medians_of_per_round_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--rounds", "2", "--only", "requests",
+         "--json", str(out), "--deadline", "60", "--peer", SELF_PEER],
+        cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "2 rounds of each rate-like workload" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["failures"] == [] and data["params"]["rounds"] == 2
+    columns = ["direct", *FORWARDERS]
+    for column in columns:
+        results = data["raw"][column]["requests_64"]
+        assert [r["round"] for r in results] == [1, 2]
+    firsts = {c: data["raw"][c]["requests_64"][0]["position"] for c in columns}
+    seconds = {c: data["raw"][c]["requests_64"][1]["position"] for c in columns}
+    assert firsts != seconds  # the order rotates
+    row = data["figures"]["requests_64"]
+    for column in columns:
+        assert len(row["rounds"][column]) == 2
+        assert row[column] == pytest.approx(sum(row["rounds"][column]) / 2)
+    for name in ["ratio_process", "vs_peer_process", "vs_peer_app"]:
+        per_round = row[f"{name}_rounds"]
+        assert len(per_round) == 2 and all(v > 0 for v in per_round), name
+        assert row[name] == pytest.approx(sum(per_round) / 2), name  # their median
+    mine, theirs = row["rounds"]["process"], row["rounds"]["peer:self"]
+    assert row["vs_peer_process_rounds"] == pytest.approx([a / b for a, b in zip(mine, theirs)])
+    assert row["met_process"] == (row["vs_peer_process"] >= row["target"])
 
 
 def test_command_templates() -> None:
