@@ -124,7 +124,8 @@ class Forwarder(Service):
         """Counters since start, and each listener's; cheap, from any thread."""
         doors = list(self._doors)
         return ForwarderStats(*_counts(self.counters), listeners=tuple(
-            ListenerStats(door.context.listener, *_counts(door.counters)) for door in doors))
+            ListenerStats(*_counts(door.counters), listener=door.context.listener)
+            for door in doors))
 
     def add(self, spec: str) -> Listener:
         """Bind one more listener and serve it; raises as start() does, leaving nothing bound."""

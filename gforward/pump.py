@@ -115,22 +115,29 @@ class Pump:
         tunnel = self.tunnel
         buf = take_buffer()
         try:
-            count = self._ws.recv_into(buf, CHUNK)
-            if count:
-                self._count_down(tunnel.ws_data(memoryview(buf)[:count], _monotonic()))
-            else:
-                tunnel.ws_lost("WebSocket lost without a Close frame")
+            self._take_ws(buf)
         except BlockingIOError:
             give_buffer(buf)
             return
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included
             tunnel.ws_lost(f"WebSocket: {describe(exc)}")
         except Exception as exc:
             self._crash(exc)
             give_buffer(buf)
             return
         self._after()
-        self._keep_while_queued(buf)
+        if tunnel.to_plain and self._on_end is not None:
+            self._ws_buf = buf  # back to the pool once to_plain is sent
+        else:
+            give_buffer(buf)
+
+    def _take_ws(self, buf: bytearray) -> None:
+        """Read what the WebSocket has into `buf`, and give it to the tunnel."""
+        count = self._ws.recv_into(buf, CHUNK)
+        if count:
+            self._count_down(self.tunnel.ws_data(memoryview(buf)[:count], _monotonic()))
+        else:
+            self.tunnel.ws_lost("WebSocket lost without a Close frame")
 
     def _count_down(self, count: int) -> None:
         """Payload from the daemon for plain: counted as it is queued, so that a client who
@@ -138,13 +145,6 @@ class Pump:
         mine, everyone = self._counts
         mine.down += count
         everyone.down += count
-
-    def _keep_while_queued(self, buf: bytearray) -> None:
-        """Hold a WebSocket read's buffer while plain has not taken all of it."""
-        if self.tunnel.to_plain and self._on_end is not None:
-            self._ws_buf = buf
-        else:
-            give_buffer(buf)
 
     def _plain_writable(self) -> None:
         self._plain_w.close()

@@ -22,7 +22,7 @@ from .proto.frames import Buffer
 from .proto.records import Counters
 from .proto.tunnel import Tunnel
 from .pump import Pump
-from .queues import BUFFER, CHUNK, describe, give_buffer, raw, take_buffer
+from .queues import BUFFER, CHUNK, describe, raw
 
 RECV_SIZE = 64 * 1024
 
@@ -109,7 +109,7 @@ class TLSChannel:
 class TLSPump(Pump):
     """A Pump whose WebSocket runs in TLS over `ssl.MemoryBIO`s, as `dial` set it up."""
 
-    __slots__ = ("_cipher", "_incoming", "_outgoing", "_tls")
+    __slots__ = ("_cipher", "_incoming", "_outgoing", "_reading_socket", "_tls")
 
     def __init__(self, plain: Any, channel: TLSChannel, tunnel: Tunnel,
                  on_end: Callable[[Pump], None], counts: tuple[Counters, Counters]) -> None:
@@ -118,44 +118,31 @@ class TLSPump(Pump):
         self._incoming = channel.incoming
         self._outgoing = channel.outgoing
         self._cipher: Buffer = b""  # encrypted bytes the socket has not taken yet
+        self._reading_socket = True  # False only for the records read along with the 101
 
     def start(self, trailing: bytes = b"") -> None:
         super().start(trailing)
         if self._on_end is not None and self._incoming.pending:  # records read with the 101
-            self._ws_readable(read_socket=False)
+            self._reading_socket = False
+            self._ws_readable()
+            self._reading_socket = True
 
-    def _ws_readable(self, read_socket: bool = True) -> None:
+    def _take_ws(self, buf: bytearray) -> None:
+        """Read what the socket has, decrypt every whole record, give them to the tunnel."""
         tunnel = self.tunnel
-        buf = take_buffer()
-        try:
-            if read_socket:
-                count = self._ws.recv_into(buf, CHUNK)
-                if not count:
-                    tunnel.ws_lost("WebSocket lost without a Close frame",
-                                   backlog=bool(self._cipher))
-                    give_buffer(buf)
-                    self._after()
-                    return
-                self._incoming.write(memoryview(buf)[:count])
-            count, ended = self._decrypt(buf)
-            if count:
-                self._count_down(tunnel.ws_data(memoryview(buf)[:count], time.monotonic()))
-            if ended:  # close_notify: the TLS stream's end
-                tunnel.ws_lost("WebSocket lost without a Close frame",
-                               backlog=bool(self._cipher))
-            if self._outgoing.pending:  # TLS may answer while reading (a key update)
-                self._take_cipher()
-        except BlockingIOError:
-            give_buffer(buf)
-            return
-        except OSError as exc:  # ssl.SSLError included
-            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
-        except Exception as exc:
-            self._crash(exc)
-            give_buffer(buf)
-            return
-        self._after()
-        self._keep_while_queued(buf)
+        if self._reading_socket:
+            count = self._ws.recv_into(buf, CHUNK)
+            if not count:
+                tunnel.ws_lost("WebSocket lost without a Close frame", backlog=bool(self._cipher))
+                return
+            self._incoming.write(memoryview(buf)[:count])
+        count, ended = self._decrypt(buf)
+        if count:
+            self._count_down(tunnel.ws_data(memoryview(buf)[:count], time.monotonic()))
+        if ended:  # close_notify: the TLS stream's end
+            tunnel.ws_lost("WebSocket lost without a Close frame", backlog=bool(self._cipher))
+        if self._outgoing.pending:  # TLS may answer while reading (a key update)
+            self._take_cipher()
 
     def _decrypt(self, buf: bytearray) -> tuple[int, bool]:
         """Every whole record the BIO holds, into `buf`: how many bytes that made, and

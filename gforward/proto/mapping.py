@@ -117,12 +117,9 @@ def parse_remote_target(target: str) -> AddressMapping:
     try:
         if target.startswith("unix:/"):
             mapping.remote_unix_path = _remote_path(target[len("unix:") :])
-            return mapping
-        parts = _split(target)
-        if len(parts) != 2:
-            raise ValueError("expected HOST:PORT or unix:/PATH")
-        mapping.remote_host = _host(parts[0], "remote")
-        mapping.remote_port = _port(parts[1], "remote", minimum=1)
+        else:
+            mapping.remote_host, mapping.remote_port = _host_port(
+                target, "remote", 1, "expected HOST:PORT or unix:/PATH")
     except ValueError as exc:
         raise SpecError(f"invalid upstream {target!r}: {exc}") from None
     return mapping
@@ -133,14 +130,19 @@ def parse_listen_address(text: str) -> AddressMapping:
     reference daemon's --listen; SpecError otherwise."""
     mapping = AddressMapping(raw_spec=text)
     try:
-        parts = _split(text)
-        if len(parts) != 2:
-            raise ValueError("expected HOST:PORT (--unix for paths)")
-        mapping.listen_addr = _host(parts[0], "listen")
-        mapping.listen_port = _port(parts[1], "listen", minimum=0)
+        mapping.listen_addr, mapping.listen_port = _host_port(
+            text, "listen", 0, "expected HOST:PORT (--unix for paths)")
     except ValueError as exc:
         raise SpecError(f"invalid listen address {text!r}: {exc}") from None
     return mapping
+
+
+def _host_port(text: str, side: str, minimum: int, shape: str) -> tuple[str, int]:
+    """HOST:PORT alone (IPv6 in brackets); ValueError saying `shape` if it is not that."""
+    parts = _split(text)
+    if len(parts) != 2:
+        raise ValueError(shape)
+    return _host(parts[0], side), _port(parts[1], side, minimum)
 
 
 def _parse(spec: str) -> AddressMapping:

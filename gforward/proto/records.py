@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -35,39 +35,27 @@ class Counters:
 
 
 @dataclass(frozen=True)
-class ListenerStats:
-    """One listener's counters at one moment (see the README's "Operating it")."""
+class _Totals:
+    """The counters both stats classes report (see the README's "Operating it")."""
 
-    listener: Listener
     tunnels_open: int
     tunnels_total: int
     tunnels_failed: int
     bytes_up: int
     bytes_down: int
-    failures: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int]
 
 
 @dataclass(frozen=True)
-class ForwarderStats:
+class ListenerStats(_Totals):
+    """One listener's counters at one moment."""
+
+    listener: Listener
+
+
+@dataclass(frozen=True)
+class ForwarderStats(_Totals):
     """A forwarder's counters at one moment: totals since start (listeners removed since
     included), and each current listener's own."""
 
-    tunnels_open: int
-    tunnels_total: int
-    tunnels_failed: int
-    bytes_up: int
-    bytes_down: int
-    failures: dict[str, int] = field(default_factory=dict)
     listeners: tuple[ListenerStats, ...] = ()
-
-
-def snapshot(counters: Counters) -> dict[str, object]:
-    """The fields the two stats classes share, read from `counters`."""
-    return {
-        "tunnels_open": counters.open,
-        "tunnels_total": counters.total,
-        "tunnels_failed": counters.failed,
-        "bytes_up": counters.up,
-        "bytes_down": counters.down,
-        "failures": dict(counters.failures),
-    }
