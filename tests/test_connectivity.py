@@ -30,18 +30,16 @@ import trustme
 
 import gforward
 import gforward.daemon
-from tests.peers import (
+from tests.peers.fake_daemon import (
     FakeDaemon,
-    Guest,
     Peer,
-    Programs,
     Script,
     accept_tcp_only,
     answer_then_wait,
-    clean_env,
-    echo_until_eof,
     silent,
 )
+from tests.peers.guest import Guest, echo_until_eof
+from tests.peers.programs import Programs, clean_env
 from tests.support import (
     IO_TIMEOUT,
     MARGIN,

@@ -1,6 +1,6 @@
 """Load: a thousand tunnels at once, nothing lost, twisted or left behind.
 
-One thread drives every client and guest socket (tests.peers.LoadLoop) and
+One thread drives every client and guest socket (tests.peers.load.LoadLoop) and
 the reference daemon runs in a process of its own: the forwarder under test
 shares this interpreter only with that thread, and the run fits two cores.
 
@@ -30,15 +30,10 @@ import greenlet
 import pytest
 
 import gforward
-from tests.peers import (
-    FakeDaemon,
-    LoadLoop,
-    Peer,
-    Rotations,
-    Stream,
-    daemon_process,
-    reset_on_close,
-)
+from tests.peers.fake_daemon import FakeDaemon, Peer
+from tests.peers.load import LoadLoop, Rotations, Stream
+from tests.peers.programs import daemon_process
+from tests.peers.server import reset_on_close
 
 TUNNELS = 1000
 SIZE = 1 << 20  # bytes each way per tunnel

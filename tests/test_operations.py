@@ -15,7 +15,8 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.peers import Guest, Program, Programs
+from tests.peers.guest import Guest
+from tests.peers.programs import Program, Programs
 from tests.support import (
     announced_listeners,
     can_bind,
