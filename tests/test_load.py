@@ -1,8 +1,9 @@
 """Load: a thousand tunnels at once, nothing lost, twisted or left behind.
 
-One thread drives every client and guest socket (tests.peers.load.LoadLoop) and
-the reference daemon runs in a process of its own: the forwarder under test
-shares this interpreter only with that thread, and the run fits two cores.
+One thread drives every client and guest socket (the load generator's
+benchmarks.loadloop.StreamLoop) and the reference daemon runs in a process of
+its own: the forwarder under test shares this interpreter only with that
+thread, and the run fits two cores.
 
 "Left behind" is counted twice: file descriptors in /proc/self/fd, and
 greenlet objects found by a garbage-collector scan (every greenlet of the
@@ -30,8 +31,8 @@ import greenlet
 import pytest
 
 import gforward
+from benchmarks.loadloop import Rotations, Stream, StreamLoop
 from tests.peers.fake_daemon import FakeDaemon, Peer
-from tests.peers.load import LoadLoop, Rotations, Stream
 from tests.peers.programs import daemon_process
 from tests.peers.server import reset_on_close
 
@@ -138,7 +139,7 @@ def test_1000_tunnels_each_moving_1_mib_both_ways(
             loop.release()
         return stream
 
-    with LoadLoop() as loop:
+    with StreamLoop() as loop:
         loop.listen(guest_listener, guest)
         before = holdings()
         fwd = forward_to(daemon_url, guest_listener)
@@ -180,7 +181,7 @@ def test_close_with_100_busy_tunnels_returns_within_2_s(
         guests.append(Stream(sock, [block], repeat=True))
         return guests[-1]
 
-    with LoadLoop() as loop:
+    with StreamLoop() as loop:
         loop.listen(guest_listener, guest)
         fwd = forward_to(daemon_url, guest_listener)
         address = ("127.0.0.1", fwd.listeners[0].port)

@@ -11,5 +11,4 @@
   `clean_env`, and `announced` / `daemon_process`, our own programs once they
   say where they listen.
 * `gws`: the gevent-websocket peer, run as `python -m tests.peers.gws`.
-* `load`: `LoadLoop`, `Stream` and `Rotations`, many connections in one thread.
 """
