@@ -94,33 +94,32 @@ class Client:
         if self.out:
             self.out += data
             return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.load.fail(f"send: {exc}")
-            self.close()
-            return
-        if n < len(data):
+        n = self._send_now(data)
+        if 0 <= n < len(data):
             self.out = data[n:]
             self.load.loop.switch(self.sock, READ | WRITE, self.on_either)
 
     def on_either(self, events: int) -> None:
         if events & WRITE:
-            try:
-                n = self.sock.send(self.out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.load.fail(f"send: {exc}")
-                self.close()
+            n = self._send_now(self.out)
+            if n < 0:
                 return
             self.out = self.out[n:]
             if not self.out:
                 self.load.loop.switch(self.sock, READ, self.on_readable)
         if events & ~WRITE:
             self.on_readable(events)
+
+    def _send_now(self, data: bytes) -> int:
+        """What the kernel takes of `data` at once; -1 after failing the load."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.load.fail(f"send: {exc}")
+            self.close()
+            return -1
 
     def receive(self) -> int:
         """Bytes read (into the shared buffer), or 0 after failing the load."""
