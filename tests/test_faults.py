@@ -266,11 +266,7 @@ def _close_after_upgrade(code: int, reason: bytes = b"", *, same_packet: bool) -
     def script(peer: Peer, mark: Mark) -> None:
         peer.read_request()
         mark()
-        if same_packet:
-            peer.accept(then=close)
-        else:
-            peer.accept()
-            peer.send(close)
+        peer.accept(then=close, apart=not same_packet)
         if code in (1000, 1001):  # a clean Close is answered, cleanly
             answer = peer.read_frame()
             assert (answer.opcode, answer.masked) == (OP_CLOSE, True), answer

@@ -643,11 +643,7 @@ def _daemon_sends(frames: bytes, expected: bytes, *, with_101: bool = False) -> 
 
     def script(peer: Peer) -> None:
         peer.read_request()
-        if with_101:
-            peer.accept(then=frames)
-        else:
-            peer.accept()
-            peer.send(frames)
+        peer.accept(then=frames, apart=not with_101)
         control.append(peer.read_frame())
         control.extend(peer.echo())
         peer.wait_eof()

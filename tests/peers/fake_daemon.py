@@ -124,19 +124,25 @@ class Peer:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def accept(self, accept: str | None = None, *, then: bytes = b"") -> None:
+    def accept(self, accept: str | None = None, *, then: bytes = b"",
+               apart: bool = False) -> None:
         """Answer the request with a 101; `accept` overrides the correct Sec-WebSocket-Accept.
 
         `then` (frames, say) goes in the same send as the 101, so that the
-        client reads it along with the upgrade's answer.
+        client reads it along with the upgrade's answer; in a send of its own
+        after the 101's when `apart`.
         """
         assert self.request is not None
         key = self.request.get("Sec-WebSocket-Key") or ""
-        self.send(
+        answer = (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             + f"Sec-WebSocket-Accept: {accept or accept_key(key)}\r\n\r\n".encode()
-            + then
         )
+        if apart:
+            self.send(answer)
+            self.send(then)
+        else:
+            self.send(answer + then)
 
     def send_frame(self, opcode: int, payload: bytes = b"") -> None:
         self.send(encode_frame(opcode, payload))
