@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import sys
+from typing import Any, Callable
 
 from benchmarks import protocol as p
 from benchmarks.children import child_arguments, child_setup
@@ -137,28 +138,10 @@ class Connection:
             self.close()
 
     def on_echo(self, _events: int) -> None:
-        try:
-            data = self.sock.recv(RECV)
-            if data:
-                self.send(data)
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.close()
+        self._read(self.sock.recv, RECV, self.send)
 
     def on_requests(self, _events: int) -> None:
-        try:
-            n = self.sock.recv_into(self.guest.buf)
-            if n:
-                self.answer(n)
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self.close()
+        self._read(self.sock.recv_into, self.guest.buf, self.answer)
 
     def answer(self, n: int) -> None:
         done, self.got = divmod(self.got + n, self.request)
@@ -167,10 +150,15 @@ class Connection:
 
     def on_count(self, _events: int) -> None:
         """Uploads, and every mode once its part is done: count and drop until EOF."""
+        self._read(self.sock.recv_into, self.guest.buf, self.count)
+
+    def _read(self, read: Callable[[Any], Any], into: Any, then: Callable[[Any], None]) -> None:
+        """One `read(into)` (a recv, or a recv_into the shared buffer); what it got goes to
+        `then`. EOF or a socket error (the read's or the answer's) closes the connection."""
         try:
-            n = self.sock.recv_into(self.guest.buf)
-            if n:
-                self.count(n)
+            got = read(into)
+            if got:
+                then(got)
                 return
         except BlockingIOError:
             return

@@ -6,7 +6,8 @@
   recv_into a shared buffer and, while the load runs, the send of the next
   request: little enough that the forwarder, not this, sets the pace.
 * `StreamLoop` and `Stream`: checked connections, each sending known bytes and
-  hashing what it reads, with their guests in the same loop (benchmarks/soak.py).
+  hashing what it reads, with their guests in the same loop (benchmarks/soak.py,
+  tests/test_load.py); `Rotations`, the bytes they send.
 """
 
 from __future__ import annotations
@@ -93,33 +94,32 @@ class Client:
         if self.out:
             self.out += data
             return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.load.fail(f"send: {exc}")
-            self.close()
-            return
-        if n < len(data):
+        n = self._send_now(data)
+        if 0 <= n < len(data):
             self.out = data[n:]
             self.load.loop.switch(self.sock, READ | WRITE, self.on_either)
 
     def on_either(self, events: int) -> None:
         if events & WRITE:
-            try:
-                n = self.sock.send(self.out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.load.fail(f"send: {exc}")
-                self.close()
+            n = self._send_now(self.out)
+            if n < 0:
                 return
             self.out = self.out[n:]
             if not self.out:
                 self.load.loop.switch(self.sock, READ, self.on_readable)
         if events & ~WRITE:
             self.on_readable(events)
+
+    def _send_now(self, data: bytes) -> int:
+        """What the kernel takes of `data` at once; -1 after failing the load."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.load.fail(f"send: {exc}")
+            self.close()
+            return -1
 
     def receive(self) -> int:
         """Bytes read (into the shared buffer), or 0 after failing the load."""
@@ -254,7 +254,7 @@ def drive(load: Load, connections: int, client: type[Client], mark: Mark, *, war
     return {"count": done, "seconds": elapsed, "loadgen_cpu": loadgen_cpu, "marks": marks}
 
 
-# Checked streams (benchmarks/soak.py) ------------------------------------------------------
+# Checked streams (benchmarks/soak.py, tests/test_load.py) ----------------------------------------
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -266,20 +266,21 @@ class Stream:
     shuts its side for writing, and reads until EOF, hashing everything after its
     first `prefix` bytes (kept in `head`: a guest learns from them which client it
     serves); `on_head` and `on_read` are told when the head is complete and after
-    each read. `hold` keeps it from sending (a callback may clear it). It ends at
-    EOF once its sending is done, or at the first socket error (`error`); `ended`
-    is then the time.monotonic() of that.
+    each read. `hold` keeps it from sending (a callback may clear it, or the loop's
+    `release()`); `repeat` sends `outgoing` over and over until the loop's `stop()`.
+    It ends at EOF once its sending is done, or at the first socket error (`error`);
+    `ended` is then the time.monotonic() of that.
     """
 
     def __init__(self, sock: socket.socket, outgoing: Sequence[Buffer] | None = None, *,
                  prefix: int = 0, on_head: Callable[[Stream, bytes], None] | None = None,
                  on_read: Callable[[Stream], None] | None = None, hold: bool = False,
-                 connecting: bool = False) -> None:
+                 repeat: bool = False, connecting: bool = False) -> None:
         self.sock = sock
         self.outgoing: list[memoryview] | None = None
         self.prefix, self.on_head, self.on_read = prefix, on_head, on_read
         self.head = bytearray()
-        self.hold, self.connecting = hold, connecting
+        self.hold, self.repeat, self.connecting = hold, repeat, connecting
         self.sent = self.received = 0
         self.digest = hashlib.sha256()  # of what was read after the prefix
         self.eof = self.shut = False
@@ -307,7 +308,8 @@ class Stream:
     def done(self) -> bool:
         return self.error is not None or (self.eof and (self.shut or self.outgoing is None))
 
-    def on_writable(self) -> None:
+    def on_writable(self, stopping: bool = False) -> None:
+        """Send what the socket takes; `stopping`: a repeating stream ends with this round."""
         if self.connecting:
             code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
@@ -333,6 +335,9 @@ class Stream:
             self._part, self._offset = self._part + 1, 0
             if self._part < len(self.outgoing):
                 return
+        if self.repeat and not stopping and self.outgoing:
+            self._part = 0
+            return
         self.shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -369,12 +374,18 @@ class Stream:
 
 
 class StreamLoop:
-    """Checked streams and the listeners of their guests, on one `Loop`."""
+    """Checked streams and the listeners of their guests, on one `Loop`.
+
+    `stop()` may be called from another thread: the loop looks at it when a
+    repeating stream has sent a round.
+    """
 
     def __init__(self) -> None:
         self.loop = Loop()
         self.streams: list[Stream] = []
+        self.open_streams = 0  # added and not ended yet
         self._listeners: list[socket.socket] = []
+        self._stopping = False
 
     def connect(self, address: tuple[str, int], outgoing: Sequence[Buffer] | None,
                 **options: Any) -> Stream:
@@ -401,7 +412,19 @@ class StreamLoop:
     def add(self, stream: Stream) -> None:
         stream.sock.setblocking(False)
         self.streams.append(stream)
+        self.open_streams += 1
         self._update(stream)
+
+    def release(self) -> None:
+        """Let every held stream send; from inside the loop (a callback)."""
+        for stream in self.streams:
+            if stream.ended is None:
+                stream.hold = False
+                self._update(stream)
+
+    def stop(self) -> None:
+        """Repeating streams finish the round they are in, then shut for writing."""
+        self._stopping = True
 
     def run(self, until: Callable[[], bool], timeout: float) -> bool:
         """Serve until `until()` holds (True) or `timeout` seconds pass (False)."""
@@ -411,15 +434,18 @@ class StreamLoop:
         if events & ~WRITE and not stream.eof:
             stream.on_readable()
         if events & WRITE and stream.error is None and stream.wants_write:
-            stream.on_writable()
+            stream.on_writable(self._stopping)
         self._update(stream)
 
     def _update(self, stream: Stream) -> None:
+        if stream.ended is not None:  # a callback's release() got here first
+            return
         if stream.done:
             if stream._events:
                 self.loop.remove(stream.sock)
             stream._events = 0
             stream.ended = time.monotonic()
+            self.open_streams -= 1
             stream.sock.close()
             return
         events = (0 if stream.eof else READ) | (WRITE if stream.wants_write else 0)

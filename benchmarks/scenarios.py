@@ -79,31 +79,33 @@ def requests(run: Run, endpoints: list[Endpoint]) -> None:
     for size in p.request_sizes:
         log(f"requests of {size} B (reply {size} B), one at a time on each of"
             f" {p.concurrency} keep-alive connections, {p.seconds:g} s")
-        run.run_load(f"requests_{size}", endpoints, {
-            "kind": "requests", "clients": p.concurrency, "request": size, "reply": size,
-            "depth": 1, "warmup": p.warmup, "seconds": p.seconds},
-            per_second("req/s", "request"))
+        _timed(run, endpoints, f"requests_{size}", "requests", size, "request", depth=1)
 
 
 def pipelined(run: Run, endpoints: list[Endpoint]) -> None:
     p = run.p
     log(f"pipelined requests of {p.pipelined_size} B, {p.depth} in flight on each of"
         f" {p.concurrency} connections, {p.seconds:g} s")
-    run.run_load("pipelined", endpoints, {
-        "kind": "requests", "clients": p.concurrency, "request": p.pipelined_size,
-        "reply": p.pipelined_size, "depth": p.depth, "warmup": p.warmup, "seconds": p.seconds},
-        per_second("req/s", "request"))
+    _timed(run, endpoints, "pipelined", "requests", p.pipelined_size, "request", depth=p.depth)
 
 
 def per_request(run: Run, endpoints: list[Endpoint]) -> None:
     p = run.p
     log(f"one connection per request of {p.per_request_size} B, {p.concurrency} at a time,"
         f" {p.seconds:g} s")
-    run.run_load("per_request", endpoints, {
-        "kind": "per_request", "clients": p.concurrency, "request": p.per_request_size,
-        "reply": p.per_request_size, "warmup": p.warmup, "seconds": p.seconds,
-        "limit": 25000},  # ephemeral ports: TIME_WAIT outlives a fast direct run
-        per_second("req/s", "tunnel"))
+    _timed(run, endpoints, "per_request", "per_request", p.per_request_size, "tunnel",
+           limit=25000)  # ephemeral ports: TIME_WAIT outlives a fast direct run
+
+
+def _timed(run: Run, endpoints: list[Endpoint], key: str, kind: str, size: int, per: str,
+           **more: Any) -> None:
+    """A request workload (`kind`) of `size`-byte requests and replies on `concurrency`
+    clients, warmed up, then measured for `seconds`; its rate is requests per second."""
+    p = run.p
+    run.run_load(key, endpoints, {
+        "kind": kind, "clients": p.concurrency, "request": size, "reply": size,
+        "warmup": p.warmup, "seconds": p.seconds, **more},
+        per_second("req/s", per))
 
 
 def busy(run: Run, endpoints: list[Endpoint]) -> None:

@@ -1,7 +1,7 @@
 """Fixtures shared by the tests: guests, daemons, programs and logs, cleaned up after.
 
 Helpers that are not fixtures are in tests/support.py; fake daemons, guests and
-subprocesses in tests/peers.py.
+subprocesses in tests/peers/, a module each.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 import gforward.daemon
-from tests.peers import READ_TIMEOUT, Guest, Programs, echo_until_eof
+from tests.peers.guest import Guest, echo_until_eof
+from tests.peers.programs import READ_TIMEOUT, Programs
 
 if TYPE_CHECKING:
     import trustme
@@ -106,7 +107,7 @@ def ca() -> trustme.CA:
 
 @pytest.fixture
 def programs() -> Iterator[Programs]:
-    """Every program the test starts (tests.peers.Programs), killed at its end."""
+    """Every program the test starts (tests.peers.programs.Programs), killed at its end."""
     every = Programs()
     try:
         yield every

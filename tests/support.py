@@ -1,5 +1,5 @@
 """What the test modules share besides fixtures (those are in conftest.py) and fake peers
-(tests/peers.py): the client's side of a tunnel, free ports, log checks, TLS files and
+(tests/peers/): the client's side of a tunnel, free ports, log checks, TLS files and
 the command line.
 
 Nothing here is a test module's own: a helper that one module alone uses stays there.
@@ -28,16 +28,8 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.peers import (
-    READ_TIMEOUT,
-    ROOT,
-    Peer,
-    Program,
-    Programs,
-    Script,
-    accept_then_echo,
-    clean_env,
-)
+from tests.peers.fake_daemon import Peer, Script, accept_then_echo
+from tests.peers.programs import READ_TIMEOUT, ROOT, Program, Programs, clean_env
 
 if TYPE_CHECKING:
     import trustme

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import READ_TIMEOUT, Program, Programs
+from tests.peers.programs import READ_TIMEOUT, Program, Programs
 from tests.support import (
     announced_listeners,
     assert_cli_serves,

@@ -30,18 +30,16 @@ import trustme
 
 import gforward
 import gforward.daemon
-from tests.peers import (
+from tests.peers.fake_daemon import (
     FakeDaemon,
-    Guest,
     Peer,
-    Programs,
     Script,
     accept_tcp_only,
     answer_then_wait,
-    clean_env,
-    echo_until_eof,
     silent,
 )
+from tests.peers.guest import Guest, echo_until_eof
+from tests.peers.programs import Programs, clean_env
 from tests.support import (
     IO_TIMEOUT,
     MARGIN,
@@ -191,6 +189,12 @@ def ca_file(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return str(path)
 
 
+def _daemon_over(scheme: str, ca: trustme.CA, tmp_path: Path) -> gforward.daemon.Daemon:
+    """The reference daemon in this process, over http, or over https with a certificate
+    of `ca` for 127.0.0.1."""
+    return tls_daemon(ca, tmp_path, "127.0.0.1") if scheme == "https" else gforward.daemon.start()
+
+
 def test_ca_file_trusts_that_ca(ca: trustme.CA, ca_file: str, tmp_path: Path,
                                 echo_server: str) -> None:
     with tls_daemon(ca, tmp_path, "127.0.0.1") as daemon, forward(
@@ -331,13 +335,9 @@ def test_daemon_through_a_real_proxy(scheme: str, relay: FakeDaemon, ca: trustme
                                      ca_file: str, tmp_path: Path, echo_server: str,
                                      gflog: pytest.LogCaptureFixture) -> None:
     tls = {"ca_file": ca_file} if scheme == "https" else {}
-    with contextlib.ExitStack() as stack:
-        if scheme == "https":
-            daemon = stack.enter_context(tls_daemon(ca, tmp_path, "127.0.0.1"))
-        else:
-            daemon = stack.enter_context(gforward.daemon.start())
-        fwd = stack.enter_context(forward(daemon.url, echo_server, token=TOKEN,
-                                          proxy=proxy_url(relay.port), **tls))
+    with _daemon_over(scheme, ca, tmp_path) as daemon, forward(
+        daemon.url, echo_server, token=TOKEN, proxy=proxy_url(relay.port), **tls
+    ) as fwd:
         for _ in range(2):
             assert echo_once(local_address(fwd), PAYLOAD) == PAYLOAD
     port = daemon.url.rsplit(":", 1)[1]
@@ -396,13 +396,9 @@ def test_environment_proxy_follows_the_daemons_scheme(
     other = "https" if scheme == "http" else "http"
     monkeypatch.setenv(case(f"{scheme}_proxy"), proxy_url(relay.port))
     monkeypatch.setenv(case(f"{other}_proxy"), dead)
-    with contextlib.ExitStack() as stack:
-        if scheme == "https":
-            daemon = stack.enter_context(tls_daemon(ca, tmp_path, "127.0.0.1"))
-        else:
-            daemon = stack.enter_context(gforward.daemon.start())
-        fwd = stack.enter_context(forward(daemon.url, echo_server,
-                                          ca_file=ca_file if scheme == "https" else None))
+    with _daemon_over(scheme, ca, tmp_path) as daemon, forward(
+        daemon.url, echo_server, ca_file=ca_file if scheme == "https" else None
+    ) as fwd:
         assert echo_once(local_address(fwd), b"via env") == b"via env"
     assert len(relay.peers) == 1
 

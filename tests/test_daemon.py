@@ -26,7 +26,8 @@ import pytest
 import gforward
 import gforward.daemon
 import gforward.hub
-from tests.peers import READ_TIMEOUT, Guest, Programs, echo_until_eof
+from tests.peers.guest import Guest, echo_until_eof
+from tests.peers.programs import READ_TIMEOUT, Programs
 from tests.resolver import Scripted
 from tests.support import (
     cert_files,

@@ -19,7 +19,7 @@ import pytest
 
 import gforward.daemon
 from gforward import dial
-from tests.peers import Programs
+from tests.peers.programs import Programs
 from tests.resolver import Scripted
 from tests.support import (
     MARGIN,

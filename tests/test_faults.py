@@ -43,23 +43,11 @@ from hypothesis import strategies as st
 
 import gforward
 import gforward.daemon
-from tests.peers import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FakeDaemon,
-    Frame,
-    Guest,
-    Peer,
-    accept_then_echo,
-    announced,
-    daemon_process,
-    echo_until_eof,
-    encode_frame,
-    reset_on_close,
-)
+from tests.peers.fake_daemon import FakeDaemon, Peer, accept_then_echo
+from tests.peers.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Frame, encode_frame
+from tests.peers.guest import Guest, echo_until_eof
+from tests.peers.programs import announced, daemon_process
+from tests.peers.server import reset_on_close
 from tests.support import (
     assert_secret_not_logged,
     connect,
@@ -278,11 +266,7 @@ def _close_after_upgrade(code: int, reason: bytes = b"", *, same_packet: bool) -
     def script(peer: Peer, mark: Mark) -> None:
         peer.read_request()
         mark()
-        if same_packet:
-            peer.accept(then=close)
-        else:
-            peer.accept()
-            peer.send(close)
+        peer.accept(then=close, apart=not same_packet)
         if code in (1000, 1001):  # a clean Close is answered, cleanly
             answer = peer.read_frame()
             assert (answer.opcode, answer.masked) == (OP_CLOSE, True), answer

@@ -9,7 +9,8 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FakeDaemon, Frame, Peer, Script
+from tests.peers.fake_daemon import FakeDaemon, Peer, Script
+from tests.peers.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Frame
 from tests.support import assert_logged, connect, echo_once, forward, local_address
 
 

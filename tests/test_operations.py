@@ -15,7 +15,8 @@ import pytest
 
 import gforward
 import gforward.daemon
-from tests.peers import Guest, Program, Programs
+from tests.peers.guest import Guest
+from tests.peers.programs import Program, Programs
 from tests.support import (
     announced_listeners,
     can_bind,
@@ -118,6 +119,14 @@ def slow_reply(delay: float, done: threading.Event = NEVER) -> Callable[[socket.
     return handler
 
 
+def ask(sock: socket.socket, tunnels_open: Callable[[], int]) -> None:
+    """Send a slow guest the whole request (b"question", then EOF) and wait until its
+    tunnel is open (`tunnels_open()` is 1)."""
+    sock.sendall(b"question")
+    sock.shutdown(socket.SHUT_WR)
+    wait_until(lambda: tunnels_open() == 1, WAIT)
+
+
 @pytest.fixture
 def thinker() -> Iterator[Guest]:
     """A guest that would answer in a minute; the test is over first."""
@@ -134,9 +143,7 @@ def test_a_drain_lets_a_slow_reply_finish_and_refuses_newcomers(
     with Guest(slow_reply(1.5)) as guest, forward(daemon.url, guest.target) as fwd:
         port = fwd.listeners[0].port
         with connect(fwd) as sock:
-            sock.sendall(b"question")
-            sock.shutdown(socket.SHUT_WR)
-            wait_until(lambda: fwd.stats().tunnels_open == 1, WAIT)
+            ask(sock, lambda: fwd.stats().tunnels_open)
             closer = threading.Thread(target=fwd.close, kwargs={"drain": 10.0})
             began = time.monotonic()
             closer.start()
@@ -156,9 +163,7 @@ def test_a_drain_lets_a_slow_reply_finish_and_refuses_newcomers(
 def test_a_drain_cuts_what_is_left_at_its_deadline(daemon: gforward.daemon.Daemon,
                                                    thinker: Guest) -> None:
     with forward(daemon.url, thinker.target) as fwd, connect(fwd) as sock:
-        sock.sendall(b"question")
-        sock.shutdown(socket.SHUT_WR)
-        wait_until(lambda: fwd.stats().tunnels_open == 1, WAIT)
+        ask(sock, lambda: fwd.stats().tunnels_open)
         began = time.monotonic()
         fwd.close(drain=1.0)
         took = time.monotonic() - began
@@ -170,9 +175,7 @@ def test_a_drain_cuts_what_is_left_at_its_deadline(daemon: gforward.daemon.Daemo
 def test_a_plain_close_during_a_drain_cuts_at_once(daemon: gforward.daemon.Daemon,
                                                    thinker: Guest) -> None:
     with forward(daemon.url, thinker.target) as fwd, connect(fwd) as sock:
-        sock.sendall(b"question")
-        sock.shutdown(socket.SHUT_WR)
-        wait_until(lambda: fwd.stats().tunnels_open == 1, WAIT)
+        ask(sock, lambda: fwd.stats().tunnels_open)
         draining = threading.Thread(target=fwd.close, kwargs={"drain": 60.0})
         draining.start()
         time.sleep(0.3)
@@ -278,9 +281,7 @@ def test_remove_with_a_drain_lets_its_tunnel_finish(daemon: gforward.daemon.Daem
     with Guest(slow_reply(1.0)) as guest, forward(daemon.url, echo_server) as fwd:
         slow = fwd.add(f"127.0.0.1:0:{guest.target}")
         with connect(slow) as sock:
-            sock.sendall(b"question")
-            sock.shutdown(socket.SHUT_WR)
-            wait_until(lambda: stats_of(fwd, 1).tunnels_open == 1, WAIT)
+            ask(sock, lambda: stats_of(fwd, 1).tunnels_open)
             fwd.remove(slow, drain=10.0)
             assert can_bind(slow.port)
             assert read_to_eof(sock) == b"reply to question"

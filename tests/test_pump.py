@@ -12,7 +12,9 @@ import time
 
 import gforward
 import gforward.daemon
-from tests.peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FakeDaemon, Guest, Peer, encode_frame
+from tests.peers.fake_daemon import FakeDaemon, Peer
+from tests.peers.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, encode_frame
+from tests.peers.guest import Guest
 from tests.support import connect, forward, read_exact, read_to_eof, wait_until
 
 KEEPALIVE = {"ping_interval": 0.5, "ping_timeout": 0.5}

@@ -2,7 +2,7 @@
 
 The daemon side is spoken by code other than gforward's own wherever the
 point is interoperability: gevent-websocket over gevent.pywsgi (a process of
-its own, see tests/peers.py) and a raw-socket fake daemon whose exact bytes
+its own, see tests/peers/gws.py) and a raw-socket fake daemon whose exact bytes
 each test states.  The reference daemon (gforward.daemon) carries the big
 transfers, TLS and unix sockets, which gevent-websocket cannot serve well.
 """
@@ -24,25 +24,19 @@ import trustme
 
 import gforward
 import gforward.daemon
-from tests.peers import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+from tests.peers.fake_daemon import (
     FakeDaemon,
-    Frame,
-    Guest,
     Peer,
     Script,
     accept_tcp_only,
     accept_then_close,
     accept_then_echo,
-    announced,
     answer_then_wait,
-    encode_frame,
     silent,
 )
+from tests.peers.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Frame, encode_frame
+from tests.peers.guest import Guest
+from tests.peers.programs import announced
 from tests.support import (
     IO_TIMEOUT,
     MARGIN,
@@ -95,7 +89,7 @@ def _reply_after_eof(sock: socket.socket) -> None:
 @pytest.fixture(scope="module")
 def gws_root() -> Iterator[str]:
     """`http://127.0.0.1:PORT` of the gevent-websocket peer, serving under /slicer."""
-    with announced(["-m", "tests.peers", "gws", "--prefix", "/slicer"],
+    with announced(["-m", "tests.peers.gws", "--prefix", "/slicer"],
                    timeout=IO_TIMEOUT) as (_, line):
         assert line.startswith("listening on "), f"peer said {line!r}"
         yield line.split()[-1]
@@ -649,11 +643,7 @@ def _daemon_sends(frames: bytes, expected: bytes, *, with_101: bool = False) -> 
 
     def script(peer: Peer) -> None:
         peer.read_request()
-        if with_101:
-            peer.accept(then=frames)
-        else:
-            peer.accept()
-            peer.send(frames)
+        peer.accept(then=frames, apart=not with_101)
         control.append(peer.read_frame())
         control.extend(peer.echo())
         peer.wait_eof()

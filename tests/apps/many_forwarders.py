@@ -113,12 +113,7 @@ def start_all(daemon_url: str, echo: str, tmp: str) -> list[Subject]:
                              specs=[f"127.0.0.1:0:{echo}", f"{tmp}/f{i}.sock:{echo}"])
         made[i] = (fwd, threading.current_thread().name)
 
-    threads = [threading.Thread(target=starter, args=(i,), name=f"starter {i}")
-               for i in range(COUNT)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    support.run_threads(starter, COUNT, "starter", 20)
     assert sorted(made) == list(range(COUNT)), f"started only {sorted(made)}"
     return [Subject(i, *made[i]) for i in range(COUNT)]
 

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -68,6 +68,19 @@ def verdict(problems: list[str]) -> int:
         say(f"PROBLEM {problem}")
     say("FAILED" if problems else "ok")
     return 1 if problems else 0
+
+
+def run_threads(target: Callable[[int], object], count: int, name: str,
+                timeout: float) -> list[threading.Thread]:
+    """Threads "NAME 0" to "NAME count-1" running target(i), all started, then each
+    joined for at most `timeout` seconds; the caller counts those still alive."""
+    threads = [threading.Thread(target=target, args=(i,), name=f"{name} {i}")
+               for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return threads
 
 
 # Guests ---------------------------------------------------------------------------------

@@ -62,12 +62,7 @@ def main() -> int:
                         errors.append(f"thread {i}: {exc!r}")
 
             began = time.monotonic()
-            threads = [threading.Thread(target=client, args=(i,), name=f"client {i}")
-                       for i in range(count)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            threads = support.run_threads(client, count, "client", 30)
             alive = sum(thread.is_alive() for thread in threads)
             say(f"{count} threads x {ROUNDS} fetches at once (TCP and unix listener): "
                 f"{checked[0]} fetched, {checked[1]} bytes checked, {len(errors)} failed, "
