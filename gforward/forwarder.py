@@ -15,6 +15,7 @@ from typing import Any
 
 import gevent
 from gevent import socket
+from gevent.monkey import is_module_patched
 
 from . import dial, hub
 from .errors import ForwardError
@@ -30,6 +31,11 @@ from .service import Connection, Door, Service
 # Logged once per listener that binds every interface (the command line prints its own line).
 WILDCARD_WARNING = ("listening on all interfaces (%s): anyone who can reach this machine can "
                     "reach vm %s; prefix the spec with 127.0.0.1: to keep it local")
+# Logged once when gevent patched the process after start() in a plain process.
+PATCHED_LATE = ("gevent patched this process after gforward.start(): the tunnels still run in "
+                "gforward's own hub thread, and every message crosses threads; start the "
+                "forwarder after patching (gunicorn's gevent worker: in post_worker_init, "
+                "not in post_fork)")
 _RETRIED_STATUSES = (408, 429)  # besides 5xx: answers that wait_ready tries again
 _PROBE_BACKOFF = (0.1, 1.0)  # wait_ready's first and longest pause between probes
 
@@ -56,6 +62,7 @@ class Forwarder(Service):
         if self._settings.proxy is not None:
             self._log.info("reaching %s through proxy %s", endpoint.describe(),
                            self._settings.proxy.describe())
+        self._patch_noticed = False
         self._open(mappings)
 
     @property
@@ -77,6 +84,9 @@ class Forwarder(Service):
         """The life of one local connection: dial, upgrade, hand over to a pump, which
         counts and logs the outcome when the tunnel is over."""
         route, settings = door.context, self._settings
+        if self._in_hub_thread and not self._patch_noticed and is_module_patched("socket"):
+            self._patch_noticed = True
+            self._log.warning(PATCHED_LATE)
         counts = (door.counters, self.counters)
         for counters in counts:
             counters.total += 1
@@ -244,5 +254,9 @@ def start(options: Options | None = None, /, **fields: Any) -> Forwarder:
         options = Options(**fields)
     elif fields:
         options = dataclasses.replace(options, **fields)
+    if options.isolation == "process":
+        from .isolated import IsolatedForwarder  # it builds on this module: imported late
+
+        return IsolatedForwarder(options)
     return Forwarder(options)
 

@@ -101,6 +101,12 @@ def home() -> Any:
     return HubThread.shared().hub
 
 
+def is_shared(hub: Any) -> bool:
+    """Whether `hub` is the one of the "gforward hub" thread (a plain process's)."""
+    shared = HubThread._shared
+    return shared is not None and hub is shared.hub
+
+
 def run_in(hub: Any, fn: Callable[[], T]) -> T:
     """`fn()` run in a greenlet of `hub`, its result (or exception) handed to the caller,
     whatever thread that is.  In the hub's own thread it simply runs in the caller."""

@@ -19,6 +19,8 @@ from .proto.endpoint import Endpoint, parse_base_url
 from .proto.mapping import AddressMapping, parse_address_mapping
 from .proto.proxy import ConnectHandshake, Proxy, select_proxy
 
+ISOLATIONS = ("thread", "process")
+
 
 @dataclass
 class Options:
@@ -41,6 +43,9 @@ class Options:
     # HTTP proxy for http(s):// daemons: None reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY,
     # "" means none, "http://[user:password@]host:port" is used whatever the environment says.
     proxy: str | None = field(default=None, repr=False)  # may hold a password
+    # Where the tunnels run: "thread" (a hub thread of this process, or the app's own hub
+    # when gevent patched it) or "process" (a helper process, out of reach of the app's GIL).
+    isolation: str = "thread"
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ def settle(options: Options) -> tuple[list[AddressMapping], Settings]:
     for name in ("ping_interval", "ping_timeout"):
         if not getattr(options, name) >= 0:
             raise ValueError(f"{name} must be 0 (off) or positive, not {getattr(options, name)!r}")
+    if options.isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
+                         f"not {options.isolation!r}")
     if options.ping_interval > 0 and not options.ping_timeout > 0:
         raise ValueError("ping_timeout must be positive when ping_interval is")
     mappings = [parse_address_mapping(spec) for spec in options.specs]

@@ -101,6 +101,7 @@ class Service:
         self._closed_here = Event()  # for waiters in the hub's thread
         self._closed_anywhere = hub.Latch()  # for waiters in other threads
         self._hub: Any = None
+        self._in_hub_thread = False  # in the shared "gforward hub" thread (a plain process)
         self._order = -1
 
     # What a role supplies ------------------------------------------------------
@@ -118,6 +119,7 @@ class Service:
     def _open(self, mappings: list[AddressMapping]) -> None:
         """Bind every listener (all or nothing: raises in the caller) and serve them."""
         self._hub = hub.home()
+        self._in_hub_thread = hub.is_shared(self._hub)
         hub.run_in(self._hub, lambda: self._serve(self._bind_all(mappings)))
         self._order = live.opened()
         live.services.add(self)
