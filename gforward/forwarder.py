@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class Forwarder(Service):
             self._log.info("reaching %s through proxy %s", endpoint.describe(),
                            self._settings.proxy.describe())
         self._patch_noticed = False
+        self._probing: list[Any] = []  # the sockets of wait_ready's probes, for close()
         self._open(mappings)
 
     @property
@@ -178,7 +180,7 @@ class Forwarder(Service):
         """Probe one listener's upstream until the daemon reaches it (see wait_ready)."""
         settings = self._settings
         pause = _PROBE_BACKOFF[0]
-        while not self._closing:
+        while not self.stopping():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
@@ -186,9 +188,11 @@ class Forwarder(Service):
                 stream, _ = dial.open_websocket(
                     settings.endpoint, route.upgrade.handshake(),
                     timeout=min(settings.dial_timeout, left or settings.dial_timeout),
-                    tls=settings.tls, track=lambda _sock: None,
+                    tls=settings.tls, track=self._probing.append,
                     proxy=settings.proxy_handshake())
             except (ForwardError, OSError) as exc:
+                if self.stopping():  # close() cut the probe short
+                    return False
                 if not _worth_another_probe(exc):
                     raise ForwardError(f"{route.listener.local} -> {route.listener.remote}: "
                                        f"{settings.redact(str(exc))}",
@@ -203,8 +207,15 @@ class Forwarder(Service):
                 pass  # the daemon reached the upstream: that was the question
             finally:
                 stream.close()
+                self._probing.clear()
             return True
         return False
+
+    def _begin_close(self, drain: float) -> None:
+        """Closing also ends the probes of a wait_ready under way (which then says False)."""
+        super()._begin_close(drain)
+        for sock in self._probing:
+            sock.close()
 
 
 def _worth_another_probe(exc: BaseException) -> bool:
@@ -213,7 +224,7 @@ def _worth_another_probe(exc: BaseException) -> bool:
     status = getattr(exc, "status", 0)
     if status:
         return status >= 500 or status in _RETRIED_STATUSES
-    return getattr(exc, "cause", "") != "tls"
+    return not isinstance(exc.__cause__, ssl.SSLCertVerificationError)
 
 
 def _over(counts: tuple[Counters, ...], failure: str) -> None:

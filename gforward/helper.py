@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import socket
 import sys
 import threading
@@ -30,11 +31,13 @@ from .options import Options
 from .proto.records import Listener
 
 Send = Callable[[dict[str, Any]], None]
+RELAY_QUEUE = 10_000  # log records waiting for the app at most
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     channel = socket.socket(fileno=int(args[0]))
+    channel.setblocking(True)  # a gevent-patched app hands it over non-blocking
     lines = channel.makefile("rb")
     send = _sender(channel)
     request = json.loads(lines.readline() or "null")
@@ -42,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0  # the app went away before it said anything
     logger = logging.getLogger("gforward")
     logger.setLevel(request.pop("log_level"))
-    logger.addHandler(_Relay(send))
+    logger.addHandler(_Relay(send))  # records go through a queue: see _Relay
     logger.propagate = False
     try:
         fwd = start(Options(**request, logger=logger))
@@ -75,7 +78,7 @@ def _answer(fwd: Forwarder, request: dict[str, Any], send: Send) -> None:
             result = None
         else:
             raise ForwardError(f"no such request {op!r}")
-    except (ForwardError, ValueError, KeyError) as exc:
+    except Exception as exc:  # every request gets an answer, or its caller waits for ever
         send({"id": request["id"], "error": error_fields(exc)})
         return
     send({"id": request["id"], "result": result})
@@ -83,8 +86,8 @@ def _answer(fwd: Forwarder, request: dict[str, Any], send: Send) -> None:
 
 def error_fields(exc: BaseException) -> dict[str, str]:
     """An exception as the app raises it again: its kind, message and cause."""
-    kind = next(k.__name__ for k in (SpecError, KeyError, ValueError, ForwardError)
-                if isinstance(exc, k))
+    kind = next((k.__name__ for k in (SpecError, KeyError, ValueError, ForwardError)
+                 if isinstance(exc, k)), "ForwardError")
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return {"kind": kind, "message": str(message), "cause": getattr(exc, "cause", "")}
 
@@ -102,16 +105,33 @@ def _sender(channel: socket.socket) -> Send:
 
 
 class _Relay(logging.Handler):
-    """The forwarder's log records, on their way to the app's logger."""
+    """The forwarder's log records, on their way to the app's logger.  They are logged
+    in the hub's thread, which must never wait for the app to read: a thread of its own
+    sends them, and records that find the queue full are dropped (and counted)."""
 
     def __init__(self, send: Send) -> None:
         super().__init__()
-        self._send = send
         self.setFormatter(logging.Formatter("%(message)s"))
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(RELAY_QUEUE)
+        self._dropped = 0
+        self._send = send
+        threading.Thread(target=self._relay, name="gforward log relay", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._queue.put_nowait({"level": record.levelno, "message": self.format(record)})
+        except queue.Full:
+            self._dropped += 1
+
+    def _relay(self) -> None:
         with contextlib.suppress(OSError):  # the app is gone: nobody to tell
-            self._send({"log": {"level": record.levelno, "message": self.format(record)}})
+            while True:
+                record = self._queue.get()
+                if self._dropped:
+                    dropped, self._dropped = self._dropped, 0
+                    self._send({"log": {"level": logging.WARNING, "message":
+                                        f"{dropped} log records dropped: the app read too slowly"}})
+                self._send({"log": record})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import threading
 from dataclasses import asdict, fields
 from typing import Any
 
-from . import fork, hub, live
+from . import fork, live
 from .errors import ForwardError, SpecError
 from .forwarder import Forwarder
 from .options import Options, settle
@@ -45,17 +46,23 @@ class IsolatedForwarder(Forwarder):
                              "isolation='process', use ca_file or insecure")
         self._log = options.logger or logging.getLogger("gforward")
         self._detached = False
-        self._closed_latch = hub.Latch()
+        self._closed_event = threading.Event()  # gevent's in a patched app: waits cooperate
+        self._final: ForwarderStats | None = None  # the stats at close, for calls after it
+        self._letting_go = False  # the helper's end will come from us
+        self._records: queue.Queue[tuple[int, str] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: dict[int, list[Any]] = {}  # request id: [event, answer]
         self._next_id = 0
         mine, theirs = socket.socketpair()
         self._channel = mine
         try:
+            # A session of its own: a terminal's Ctrl-C or a process group's SIGTERM is
+            # the app's to handle; the helper ends when the app lets go of it.
             self._process = subprocess.Popen(
                 [_python(), "-m", "gforward.helper", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_environment())
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_environment(),
+                start_new_session=True)
         finally:
             theirs.close()
         self._lines = mine.makefile("rb")
@@ -73,6 +80,8 @@ class IsolatedForwarder(Forwarder):
         self._listeners = [Listener(**fields_) for fields_ in answer["started"]]
         threading.Thread(target=self._listen, name="gforward helper channel",
                          daemon=True).start()
+        threading.Thread(target=self._write_records, name="gforward helper log",
+                         daemon=True).start()
         threading.Thread(target=self._relay_stderr, name="gforward helper stderr",
                          daemon=True).start()
         self._order = live.opened()
@@ -89,9 +98,11 @@ class IsolatedForwarder(Forwarder):
 
     @property
     def closed(self) -> bool:
-        return self._closed_latch.is_set
+        return self._closed_event.is_set()
 
     def stats(self) -> ForwarderStats:
+        if self._final is not None:
+            return self._final
         doc = self._call("stats")
         listeners = tuple(ListenerStats(**{**one, "listener": Listener(**one["listener"])})
                           for one in doc.pop("listeners"))
@@ -106,21 +117,28 @@ class IsolatedForwarder(Forwarder):
         found = [ln for ln in self._listeners if ln == what or ln.spec == what][:1]
         if not found:
             raise KeyError(what)
-        self._call("remove", listener=asdict(found[0]), drain=drain)
-        self._listeners.remove(found[0])
+        if not self.closed:  # once closed, as in thread mode: nothing is left to stop
+            self._call("remove", listener=asdict(found[0]), drain=drain)
+            self._listeners.remove(found[0])
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return bool(self._call("wait_ready", timeout=timeout))
+        try:
+            return bool(self._call("wait_ready", timeout=timeout))
+        except ForwardError:
+            if self.closed or self._final is not None:
+                return False  # closed meanwhile
+            raise
 
     def close(self, drain: float = 0.0) -> None:
         if self._detached or self.closed:
             return
         with contextlib.suppress(ForwardError):  # the helper is gone: nothing left to close
             self._call("close", drain=drain)
+            self._final = self.stats()  # what stats() says from now on
         self._stop()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._detached or self._closed_latch.wait(timeout)
+        return self._detached or self._closed_event.wait(timeout)
 
     # The channel -----------------------------------------------------------------
 
@@ -133,7 +151,11 @@ class IsolatedForwarder(Forwarder):
             self._next_id += 1
             ask = self._next_id
             self._waiting[ask] = waiter
-            self._send({"id": ask, "op": op, "args": args})
+            try:
+                self._send({"id": ask, "op": op, "args": args})
+            except OSError as exc:
+                del self._waiting[ask]
+                raise ForwardError(f"the gforward helper is gone: {exc}") from None
         waiter[0].wait()
         answer = waiter[1]
         if "error" in answer:
@@ -150,24 +172,43 @@ class IsolatedForwarder(Forwarder):
             document: dict[str, Any] = json.loads(line)
             if "log" not in document:
                 return document
-            self._log.log(document["log"]["level"], "%s", document["log"]["message"])
+            self._records.put((document["log"]["level"], document["log"]["message"]))
         return None
 
     def _listen(self) -> None:
-        """The channel's reader: answers to their callers, log records to the logger."""
-        while (document := self._read()) is not None:
-            with self._lock:
-                waiter = self._waiting.pop(document["id"])
-            waiter[1] = document
-            waiter[0].set()
+        """The channel's reader: answers to their callers, log records to their writer."""
+        try:
+            while (document := self._read()) is not None:
+                with self._lock:
+                    waiter = self._waiting.pop(document["id"])
+                waiter[1] = document
+                waiter[0].set()
+        except OSError:
+            pass  # the helper died: the same as its end of the channel
+        finally:
+            self._gone()
+
+    def _gone(self) -> None:
+        """The helper is gone: no answer will come, and the forwarder is closed."""
+        if not self._letting_go:
+            self._log.warning("the gforward helper (pid %d) ended on its own; its "
+                              "listeners and tunnels are gone", self._process.pid)
         gone = {"error": {"kind": "ForwardError", "message": "the gforward helper is gone",
                           "cause": ""}}
-        with self._lock:  # the helper is gone: no answer will come
-            self._closed_latch.set()
+        with self._lock:
+            self._closed_event.set()
             for waiter in self._waiting.values():
                 waiter[1] = gone
                 waiter[0].set()
             self._waiting.clear()
+        self._records.put(None)
+
+    def _write_records(self) -> None:
+        """The helper's log records, written to the app's logger in a thread of their own,
+        so that a handler that calls back into the forwarder waits for no one but itself."""
+        while (record := self._records.get()) is not None:
+            with contextlib.suppress(Exception):  # a failing handler loses its record only
+                self._log.log(record[0], "%s", record[1])
 
     def _relay_stderr(self) -> None:
         """Whatever the helper itself prints (a crash's traceback, say), as warnings."""
@@ -185,7 +226,7 @@ class IsolatedForwarder(Forwarder):
                               STOP_TIMEOUT)
             self._process.kill()
             self._process.wait()
-        self._closed_latch.set()
+        self._closed_event.set()
         live.services.discard(self)
 
     def _stderr_tail(self) -> str:
@@ -197,6 +238,7 @@ class IsolatedForwarder(Forwarder):
 
     def _request_close(self, drain: float) -> None:
         """Close our end: the helper sees its channel end, closes everything and exits."""
+        self._letting_go = True
         with contextlib.suppress(OSError):  # already shut
             self._channel.shutdown(socket.SHUT_RDWR)
 
@@ -205,7 +247,7 @@ class IsolatedForwarder(Forwarder):
             self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             return False
-        self._closed_latch.set()
+        self._closed_event.set()
         return True
 
     def _detach(self) -> None:
@@ -215,7 +257,7 @@ class IsolatedForwarder(Forwarder):
         fork.release([self._channel])
         if self._process.stderr is not None:
             fork.release([self._process.stderr])
-        self._closed_latch.set()
+        self._closed_event.set()
 
 
 def _rebuilt(error: dict[str, str]) -> Exception:

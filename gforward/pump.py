@@ -14,8 +14,10 @@ with its WebSocket in TLS.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
 import struct
+import termios
 import time
 from typing import Any, Callable
 
@@ -28,6 +30,19 @@ from .queues import CHUNK, IOV_MAX, describe, give_buffer, send_queue, take_buff
 _READ, _WRITE = 1, 2
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes the kernel still holds for the peer (SIOCOUTQ, Linux): a peer that leaves
+    them there is held back by flow control, and would not see a Ping behind them."""
+    if not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 class Pump:
@@ -161,8 +176,9 @@ class Pump:
         self._timer = None
         tunnel = self.tunnel
         try:
-            held = bool(tunnel.to_plain or tunnel.to_ws or self._ws_backlog())
-            deadline = tunnel.timer(_monotonic(), held=held)
+            backlog = self._ws_backlog()
+            held = bool(tunnel.to_plain or tunnel.to_ws or backlog or _unsent(self._ws))
+            deadline = tunnel.timer(_monotonic(), held=held, backlog=backlog)
             if deadline is not None:
                 self._timer = self._loop.timer(max(deadline - _monotonic(), 0.0))
                 self._timer.start(self._timer_fired)
@@ -184,14 +200,17 @@ class Pump:
     def _after(self) -> None:
         """Write what the tunnel queued, then set the watchers to what it wants now."""
         tunnel = self.tunnel
-        if tunnel.to_ws and self._ws_w is None:
-            self._flush_ws()
-        if tunnel.to_plain and self._plain_w is None:
-            self._flush_plain()
-        if (self._plain_on and self._ws_on and tunnel.reading_plain
-                and not (tunnel.to_ws or tunnel.to_plain or tunnel.outcome or tunnel.shut_plain)):
-            return  # the usual state, both sides read and nothing waits: no change
-        self._settle()
+        try:
+            if tunnel.to_ws and self._ws_w is None:
+                self._flush_ws()
+            if tunnel.to_plain and self._plain_w is None:
+                self._flush_plain()
+            if (self._plain_on and self._ws_on and tunnel.reading_plain and not (
+                    tunnel.to_ws or tunnel.to_plain or tunnel.outcome or tunnel.shut_plain)):
+                return  # the usual state, both sides read and nothing waits: no change
+            self._settle()
+        except Exception as exc:  # a bug: end this tunnel, not the hub
+            self._crash(exc)
 
     def _settle(self) -> None:
         """The rest of `_after`: half-close, the end, and which sides to read."""
@@ -270,7 +289,8 @@ class Pump:
         self._finish()
 
     def _finish(self) -> None:
-        """Close everything once: last words best effort, plain reset if the tunnel was cut."""
+        """Close everything once: last words best effort, plain reset unless the tunnel
+        finished (a close or a drain's deadline cuts too, though it is not a failure)."""
         on_end, self._on_end = self._on_end, None
         if on_end is None:
             return
@@ -279,7 +299,8 @@ class Pump:
                 watcher.close()  # before the descriptors close and their numbers are reused
         self._plain_r = self._ws_r = self._plain_w = self._ws_w = self._timer = None
         tunnel = self.tunnel
-        if tunnel.outcome:  # cut or aborted: what can go out at once, goes
+        cut = bool(tunnel.outcome)
+        if cut:  # failed or aborted: what can go out at once, goes
             with contextlib.suppress(OSError):
                 if tunnel.to_plain:
                     self._plain.sendmsg(tunnel.to_plain[:IOV_MAX])
@@ -293,7 +314,7 @@ class Pump:
             on_end(self)
         except Exception as exc:  # the hub would print it and go on; keep it for the log
             self.exception = self.exception or exc
-        if tunnel.failed:
+        if cut:  # failed, or ended from outside before both sides finished: not an EOF
             with contextlib.suppress(OSError):
                 self._plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self._plain.close()

@@ -24,7 +24,7 @@ def send_queue(sock: socket.socket, out: list[Buffer]) -> None:
     when the socket takes it all).  Raises OSError."""
     try:
         while len(out) > IOV_MAX:
-            batch = out[:IOV_MAX]  # an even count: frame pairs stay whole
+            batch = out[:IOV_MAX]  # an even count: to_ws keeps its frame parity
             count = sock.sendmsg(batch)
             if count < sum(map(len, batch)):
                 consume(out, count)

@@ -93,6 +93,7 @@ class Service:
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
         self._doors: list[Door] = []
+        self._leaving: set[Door] = set()  # removed, their connections still draining
         self.counters = Counters()  # every listener's, removed ones included
         self._pool = Pool()
         self._closing = False
@@ -214,6 +215,11 @@ class Service:
     def closed(self) -> bool:
         return self._closed_anywhere.is_set
 
+    def stopping(self) -> bool:
+        """Whether a close has begun (the service may not be closed yet); a method, as it
+        changes under its callers' feet."""
+        return self._closing
+
     @property
     def detached(self) -> bool:
         """Whether this is a forked child's copy: closed here, still the parent's to serve."""
@@ -224,10 +230,14 @@ class Service:
 
         def remove() -> None:
             if door not in self._doors:
-                raise KeyError(door.context)
+                raise KeyError("no such listener")
             self._doors.remove(door)
+            self._leaving.add(door)  # a close meanwhile ends its connections too
             self._stop_accepting(door)
-            self._end([door], drain)
+            try:
+                self._end([door], drain)
+            finally:
+                self._leaving.discard(door)
 
         hub.run_in(self._hub, remove)
 
@@ -245,17 +255,17 @@ class Service:
         return self._closed_anywhere.wait(timeout)
 
     def _begin_close(self, drain: float) -> None:
+        if drain <= 0:
+            self._cut = True  # also ends a drain under way, a listener's included
         if not self._closing:
             self._closing = True
             self._teardown(drain)
-        elif drain <= 0:
-            self._cut = True
 
     def _teardown(self, drain: float) -> None:
         """In the hub: listeners first, so nothing new arrives, then connections."""
         for door in self._doors:
             self._stop_accepting(door)
-        self._end(self._doors, drain)
+        self._end(self._doors + list(self._leaving), drain)
         if not self._pool.join(timeout=JOIN_TIMEOUT):
             late = list(self._pool)
             self._log.warning("%d connection(s) did not end in time; killing them", len(late))

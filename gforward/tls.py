@@ -143,6 +143,8 @@ class TLSPump(Pump):
             tunnel.ws_lost("WebSocket lost without a Close frame", backlog=bool(self._cipher))
         if self._outgoing.pending:  # TLS may answer while reading (a key update)
             self._take_cipher()
+            if self._ws_w is None:
+                self._flush_ws()
 
     def _decrypt(self, buf: bytearray) -> tuple[int, bool]:
         """Every whole record the BIO holds, into `buf`: how many bytes that made, and
@@ -163,11 +165,11 @@ class TLSPump(Pump):
 
     def _flush_ws(self) -> None:
         tunnel = self.tunnel
-        if not self._cipher and tunnel.to_ws:
-            self._encrypt(tunnel.to_ws)
-            tunnel.to_ws.clear()
         try:
-            sent = self._ws.send(self._cipher)
+            if not self._cipher and tunnel.to_ws:
+                self._encrypt(tunnel.to_ws)
+                tunnel.to_ws.clear()
+            sent = self._ws.send(self._cipher) if self._cipher else 0
         except BlockingIOError:
             sent = 0
         except OSError as exc:

@@ -21,6 +21,7 @@ import sysconfig
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -349,3 +350,29 @@ def assert_cli_serves(program: Program, path: str) -> None:
     `http_guest`."""
     [(local, _, _)] = announced_listeners(program)
     assert http_get(local, path) == f"guest says {path}"
+
+
+@dataclass
+class End:
+    """How a local connection ended: "EOF" or "reset", the bytes before it, and when."""
+
+    seen: str
+    data: bytes
+    at: float
+
+    def describe(self) -> str:
+        return f"{self.seen} after {len(self.data)} bytes" if self.data else self.seen
+
+
+def watch_end(sock: socket.socket, timeout: float = IO_TIMEOUT) -> End:
+    """Read until the connection ends; fail if it is still open after `timeout` seconds."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return End("reset", bytes(data), time.monotonic())
+    except socket.timeout:
+        pytest.fail(f"the local connection was still open after {timeout:g} s")
+    return End("EOF", bytes(data), time.monotonic())

@@ -9,6 +9,7 @@ daemon looks up are answered by a hosts-style file the test writes
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ from tests.support import (
     local_address,
     refused,
     resolver_env,
+    wait_until,
 )
 
 TOKEN = "daemon-token-7c1e"
@@ -383,3 +385,25 @@ def test_start_as_context_manager_with_unix_socket(echo_server: str, short_tmp: 
         assert daemon.url == f"unix://{path}"
         assert forward_echo(path, echo_server, payload=b"ctx") == b"ctx"
     assert not os.path.exists(path)
+
+
+def test_a_malformed_request_never_echoes_its_token(daemon: gforward.daemon.Daemon,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """h11 quotes an illegal header line in its error; the daemon must not pass a token
+    on to its log or to the 400 it answers."""
+    secret = "s3cr3t-n0t-f0r-l0gs"
+    parts = urlsplit(daemon.url)
+    assert parts.hostname is not None and parts.port is not None
+    caplog.set_level(logging.DEBUG, logger="gforward.daemon")
+    request = (f"GET /vm/v/forward HTTP/1.1\r\nHost: x\r\n"
+               f"Authorization: Bearer {secret}\x01\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while data := sock.recv(4096):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert secret.encode() not in answer
+    wait_until(lambda: any("not a WebSocket upgrade" in r.getMessage() for r in caplog.records),
+               READ_TIMEOUT)
+    assert not any(secret in r.getMessage() for r in caplog.records)

@@ -32,7 +32,6 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +48,7 @@ from tests.peers.guest import Guest, echo_until_eof
 from tests.peers.programs import announced, daemon_process
 from tests.peers.server import reset_on_close
 from tests.support import (
+    End,
     assert_secret_not_logged,
     connect,
     echo_once,
@@ -57,6 +57,7 @@ from tests.support import (
     read_exact,
     read_to_eof,
     wait_until,
+    watch_end,
 )
 
 TOKEN = "gf5-T0ken-n3ver-logged-4d2c"
@@ -99,32 +100,6 @@ class Mark:
 
     def __call__(self) -> None:
         self.at = time.monotonic()
-
-
-@dataclass
-class End:
-    """How a local connection ended: "EOF" or "reset", the bytes before it, and when."""
-
-    seen: str
-    data: bytes
-    at: float
-
-    def describe(self) -> str:
-        return f"{self.seen} after {len(self.data)} bytes" if self.data else self.seen
-
-
-def watch_end(sock: socket.socket, timeout: float = WAIT) -> End:
-    """Read until the connection ends; fail if it is still open after `timeout` seconds."""
-    sock.settimeout(timeout)
-    data = bytearray()
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        return End("reset", bytes(data), time.monotonic())
-    except socket.timeout:
-        pytest.fail(f"the local connection was still open after {timeout:g} s")
-    return End("EOF", bytes(data), time.monotonic())
 
 
 def roundtrip(sock: socket.socket, payload: bytes) -> None:

@@ -141,3 +141,24 @@ def test_a_pong_goes_out_while_an_upload_is_blocked() -> None:
         sock.settimeout(10)
         read_to_eof(sock)
     assert before_pong and before_pong[0] < sent, (before_pong, sent)
+
+
+def test_a_guest_that_reads_slowly_for_long_keeps_its_tunnel(
+        daemon: gforward.daemon.Daemon) -> None:
+    """The upload sits in kernel buffers on the way, a Ping queued behind it, and the
+    guest takes it in small sips for several ping timeouts: flow control, not silence."""
+    received = hashlib.sha256()
+
+    def sips(sock: socket.socket) -> None:
+        while data := sock.recv(64 * 1024):
+            received.update(data)
+            time.sleep(0.02)  # about 3 MB/s
+        sock.sendall(received.hexdigest().encode())
+
+    upload = os.urandom(8 << 20)
+    with Guest(sips) as guest, forward(daemon.url, guest.target, **KEEPALIVE) as fwd, \
+            connect(fwd, timeout=30) as sock:
+        sock.sendall(upload)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == hashlib.sha256(upload).hexdigest().encode()
+        assert fwd.stats().tunnels_failed == 0

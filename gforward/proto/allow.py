@@ -67,8 +67,6 @@ def allowed(targets: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> bool
     return bool(targets) and all(any(p.fullmatch(t) for p in patterns) for t in targets)
 
 
-
-
 def address_targets(addresses: Sequence[tuple[int, Any]]) -> list[str]:
     """What patterns are matched against for resolved addresses: "host:port" each (IPv6
     in brackets, in its shortest form)."""

@@ -102,6 +102,8 @@ _SHORT_HEADERS = {
     for opcode in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
 }
 _keys: list[bytes] = []
+if hasattr(os, "register_at_fork"):  # a forked child draws keys of its own (RFC 6455 10.3)
+    os.register_at_fork(after_in_child=_keys.clear)
 
 
 def mask_key() -> bytes:

@@ -95,6 +95,8 @@ _STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t -~]*)?")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~](?:[\t -~]*[!-~])?)?[ \t]*")
 _FAST_MAX_HEAD = 8192
 _keys: list[bytes] = []
+if hasattr(os, "register_at_fork"):  # a forked child draws keys of its own
+    os.register_at_fork(after_in_child=_keys.clear)
 
 
 def _new_key() -> bytes:
@@ -292,7 +294,9 @@ class ServerHandshake:
             self._h11.receive_data(head)
             events = list(self._h11.events())
         except wsproto.utilities.RemoteProtocolError as exc:
-            raise HandshakeError(f"not a WebSocket upgrade ({exc})") from None
+            # h11 quotes the offending line, which may be an Authorization header.
+            reason = str(exc).split(":", 1)[0]
+            raise HandshakeError(f"not a WebSocket upgrade ({reason})") from None
         if not events or not isinstance(events[0], Request):
             raise HandshakeError("not a WebSocket upgrade")
         request = events[0]

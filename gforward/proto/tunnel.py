@@ -46,16 +46,15 @@ from . import frames
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Buffer, ProtocolError
 
 CLEAN_CLOSE_CODES = (frames.CLOSE_NORMAL, frames.CLOSE_GOING_AWAY, 1005)
-MAX_WS_BACKLOG = 64  # buffers of control frames queued before the peer is read no more
 
 
 class Tunnel:
     """The state of one tunnel; see the module's docstring."""
 
     __slots__ = ("_close_received", "_close_sent", "_closing_at", "_heard_at", "_mask",
-                 "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_ws_gone",
-                 "cause", "failed", "outcome", "reading_plain", "sent", "shut_plain", "to_plain",
-                 "to_ws")
+                 "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_waiting_pong",
+                 "_ws_gone", "cause", "failed", "outcome", "reading_plain", "sent", "shut_plain",
+                 "to_plain", "to_ws")
 
     def __init__(self, *, client: bool, ping_interval: float = 0.0, ping_timeout: float = 0.0,
                  now: float = 0.0) -> None:
@@ -77,6 +76,7 @@ class Tunnel:
         self._ping_at: float | None = None  # when our unanswered Ping was sent
         self._closing_at: float | None = None  # when the timer first saw our answer wait
         self._ws_gone = False  # the peer hung up after its Close
+        self._waiting_pong: bytes | None = None  # the header of the last Pong queued
 
     # What the driver reports ------------------------------------------------
 
@@ -101,19 +101,21 @@ class Tunnel:
             self._queue_close(exc.code, exc.reason)  # best effort: the peer may be stuck too
             self._end(f"protocol error: {exc.reason}", "protocol")
             return self._reader.received - before
+        pings = [control for control in controls if type(control) is frames.Ping]
+        if pings and not (self._close_sent and self._close_received):  # not once both are out
+            self._pong(pings[-1].payload)
         for control in controls:
-            if type(control) is frames.Ping:
-                if not (self._close_sent and self._close_received):  # not once both are out
-                    self._urgent(OP_PONG, control.payload)
-            elif type(control) is frames.Close:
+            if type(control) is frames.Close:
                 self._on_close(control)
         return self._reader.received - before
 
     def ws_lost(self, reason: str, *, backlog: bool = False) -> None:
         """The WebSocket's stream ended or failed.  After the peer's Close that is its way
-        of hanging up, fine if nothing but our Close was left unsent (`backlog`: the driver
-        still held bytes of its own); otherwise a cut."""
-        if self._close_received and len(self.to_ws) <= 2 and not backlog:
+        of hanging up, fine if nothing but our Close was left unsent (our Close is queued
+        after everything else, so then it is all that two buffers can hold; `backlog`: the
+        driver still held bytes of its own); otherwise a cut."""
+        only_our_close = not self.to_ws or (self._close_sent and len(self.to_ws) <= 2)
+        if self._close_received and only_our_close and not backlog:
             self.to_ws.clear()
             self._ws_gone = True
         else:
@@ -129,13 +131,14 @@ class Tunnel:
         self._queue_close(frames.CLOSE_GOING_AWAY, "")
         self._end(reason)
 
-    def timer(self, now: float, *, held: bool) -> float | None:
+    def timer(self, now: float, *, held: bool, backlog: bool = False) -> float | None:
         """Keepalive; returns when to call again (None: no more).  `held` says the driver
-        waits on flow control: a side that reads slowly, which proves nothing."""
+        waits on flow control, a side that reads slowly, which proves nothing; `backlog`
+        that it holds bytes for the WebSocket below to_ws (TLS records)."""
         if self.outcome or not self._ping_interval:
             return None
         if self._close_received:  # our answer must get out within ping_timeout
-            if not self.to_ws or self._ws_gone:
+            if not (self.to_ws or backlog) or self._ws_gone:
                 return None
             if self._closing_at is None:
                 self._closing_at = now
@@ -153,7 +156,7 @@ class Tunnel:
             return self._ping_at + self._ping_timeout
         if now - self._heard_at >= self._ping_interval:
             self._ping_at = now
-            self._urgent(OP_PING, b"")
+            self._urgent(frames.frame_parts(OP_PING, b"", mask=self._mask))
             return now + self._ping_timeout
         self._ping_at = None
         return self._heard_at + self._ping_interval
@@ -168,9 +171,8 @@ class Tunnel:
     @property
     def reading_ws(self) -> bool:
         """Whether to read the WebSocket now: not while plain has bytes to take (flow
-        control) or the peer leaves control frames unread."""
-        return (not self.to_plain and len(self.to_ws) <= MAX_WS_BACKLOG and not self.outcome
-                and not self._ws_gone)
+        control).  What we queue for the peer stays small meanwhile: one Pong at most."""
+        return not self.to_plain and not self.outcome and not self._ws_gone
 
     @property
     def finished(self) -> bool:
@@ -200,7 +202,20 @@ class Tunnel:
             self.to_ws += frames.frame_parts(OP_CLOSE, frames.close_payload(code, reason),
                                              mask=self._mask)
 
-    def _urgent(self, opcode: int, payload: bytes) -> None:
+    def _pong(self, payload: bytes) -> None:
+        """Answer a Ping: one Pong waits at most, answering the latest (RFC 6455 5.5.3),
+        so that a peer that pings and reads nothing cannot grow the queue."""
+        frame = frames.frame_parts(OP_PONG, payload, mask=self._mask)
+        waiting = self._waiting_pong
+        for at, buf in enumerate(self.to_ws):
+            if buf is waiting:  # the last Pong, not started: answer the new Ping instead
+                self.to_ws[at : at + 2] = frame
+                break
+        else:
+            self._urgent(frame)
+        self._waiting_pong = frame[0]
+
+    def _urgent(self, frame: tuple[bytes, Buffer]) -> None:
         """A control frame goes right after the frame being written, ahead of the rest.
 
         Frames are buffer pairs and headers are made as bytes, so the queue itself says
@@ -208,7 +223,7 @@ class Tunnel:
         header cut into (a memoryview, see `consume`) means part of it did."""
         out = self.to_ws
         at = 1 if len(out) % 2 else 2 if out and type(out[0]) is memoryview else 0
-        out[at:at] = frames.frame_parts(opcode, payload, mask=self._mask)
+        out[at:at] = frame
 
     def _end(self, reason: str, cause: str = "") -> None:
         """The first reason given is the one kept; a `cause` (a short key for counters)

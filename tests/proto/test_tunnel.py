@@ -9,7 +9,7 @@ import pytest
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from gforward.proto.frames import OP_BINARY, OP_CLOSE, OP_PING, encode_frame
-from gforward.proto.tunnel import MAX_WS_BACKLOG, Tunnel, consume
+from gforward.proto.tunnel import Tunnel, consume
 
 INTERVAL, TIMEOUT = 30.0, 10.0
 
@@ -75,11 +75,19 @@ def test_flow_control_reads_a_side_only_while_the_other_queue_is_empty() -> None
     assert tunnel.reading_ws
 
 
-def test_a_peer_that_reads_no_control_frames_is_read_no_more() -> None:
+def test_a_peer_that_pings_and_reads_nothing_cannot_grow_the_queue() -> None:
+    """One Pong waits at most, answering the latest Ping (RFC 6455 5.5.3)."""
     tunnel = Tunnel(client=True)
-    while tunnel.reading_ws:
-        tunnel.ws_data(peer_frame(OP_PING, b"p"), 0.0)
-    assert len(tunnel.to_ws) > MAX_WS_BACKLOG
+    tunnel.plain_data(b"d" * 100)
+    consume(tunnel.to_ws, 3)  # the data frame has started: Pongs go after it
+    for i in range(1000):
+        tunnel.ws_data(peer_frame(OP_PING, b"%d" % i) * 50, 0.0)  # 50 Pings a read
+        assert len(tunnel.to_ws) <= 4
+    rest = b"".join(bytes(b) for b in tunnel.to_ws)
+    proto = FrameProtocol(client=False, extensions=[])
+    proto.receive_bytes(rest[2 + 4 + 100 - 3:])  # what is left of the data frame, skipped
+    assert [(f.opcode, bytes(f.payload)) for f in proto.received_frames()] == [
+        (Opcode.PONG, b"999")]
 
 
 def test_local_eof_sends_close_after_what_came_before_and_the_reply_still_arrives() -> None:
