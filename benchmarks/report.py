@@ -464,7 +464,7 @@ def print_notes(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
               " round, the columns' order\n  rotating from round to round; a figure is the"
               " median over rounds, a ratio the median of the\n  ratios within each round,"
               f" followed by (lowest-highest) when those differ by more than {SPREAD:.0%}."
-              "\n  Memory and the busy app ran once.")
+              "\n  Memory and start() ran once.")
     print("\nnotes: MB = 10^6 bytes. Ratios: gforward's figure over the other column's."
           "\n  'in-app' RSS is the whole app process (its load generator included), 'isolated'"
           " the app's\n  plus its helper's (isolation=\"process\"); in-app forwarder CPU is"

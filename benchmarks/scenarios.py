@@ -112,7 +112,8 @@ def busy(run: Run, endpoints: list[Endpoint]) -> None:
     """A plain app with one thread busy in pure Python and another doing 1-byte round
     trips, then small requests on a few keep-alive connections: straight to the guest,
     through a forwarder process beside it, or through gforward in the app (in each
-    isolation). Each column gets a fresh app."""
+    isolation). Each column gets a fresh app, once a round (the GIL's handovers, and so
+    these figures, follow whatever else the machine's two cores do)."""
     p = run.p
     log(f"round trips from an app, idle then beside a busy thread: {p.busy_count} each"
         f" (at most {p.busy_seconds:g} s); then requests of {p.busy_request} B on"
@@ -121,26 +122,26 @@ def busy(run: Run, endpoints: list[Endpoint]) -> None:
                "requests": {"kind": "requests", "clients": p.busy_clients,
                             "request": p.busy_request, "reply": p.busy_request, "depth": 1,
                             "warmup": p.busy_warmup, "seconds": p.busy_window}}
-    for endpoint in endpoints:
-        column = endpoint.column
 
-        def work(column: Column = column, endpoint: Endpoint = endpoint) -> dict[str, Any]:
-            app = run.procs.app(f"app-busy-{column.key}")
-            try:
-                target: dict[str, Any] = {"addr": list(endpoint.addr)}
-                if column.in_app:
-                    mine = run.procs.open(column, run.daemon(), run.guest_addr, "busy", app)
-                    target = {"forwarder": mine.name}
-                return app.request({**command, "target": target}, run.remaining())
-            finally:
-                run.children.retire(app)
+    def work(endpoint: Endpoint) -> dict[str, Any]:
+        app = run.procs.app(f"app-busy-{endpoint.column.key}")
+        try:
+            target: dict[str, Any] = {"addr": list(endpoint.addr)}
+            if endpoint.column.in_app:
+                mine = run.procs.open(endpoint.column, run.daemon(), run.guest_addr, "busy",
+                                      app)
+                target = {"forwarder": mine.name}
+            before = procfs.snapshot({}, os.getpid())
+            result = app.request({**command, "target": target}, run.remaining())
+            return {**result, **procfs.window(before, procfs.snapshot({}, os.getpid()))}
+        finally:
+            run.children.retire(app)
 
-        result = run.attempt("busy", column, work)
-        if result is not None:
-            run.record("busy", column, result, f"idle {latencies(result['idle'])},"
-                       f" {requests_rate(result['idle_requests'])};"
-                       f" busy {latencies(result['busy'])},"
-                       f" {requests_rate(result['busy_requests'])}")
+    def describe(r: dict[str, Any]) -> str:
+        return (f"idle {latencies(r['idle'])}, {requests_rate(r['idle_requests'])};"
+                f" busy {latencies(r['busy'])}, {requests_rate(r['busy_requests'])}")
+
+    run.run_rounds("busy", endpoints, work, describe)
 
 
 def requests_rate(r: dict[str, Any]) -> str:

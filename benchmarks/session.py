@@ -97,7 +97,7 @@ class Params:
             busy_seconds=1.0 if quick else 5.0,
             busy_clients=4,
             busy_request=512,
-            busy_window=0.2 if quick else 2.0,
+            busy_window=0.2 if quick else 1.0,
             busy_warmup=0.05 if quick else 0.3,
             start_repeat=2 if quick else 5,
             io_timeout=10.0 if quick else 30.0,
@@ -233,9 +233,16 @@ class Run:
 
     def run_load(self, key: str, endpoints: list[Endpoint], spec: dict[str, Any],
                  describe: Callable[[dict[str, Any]], str]) -> None:
-        """One workload in `rounds` rounds, each column once per round. The order rotates
-        (A B C, then B C A, ...) so that no column always runs first or last; a column that
-        fails is not tried again in later rounds of the workload (its failure is recorded)."""
+        """One workload in `rounds` rounds, each column once per round (`run_rounds`)."""
+        self.run_rounds(key, endpoints, functools.partial(self.measure, spec=spec), describe)
+
+    def run_rounds(self, key: str, endpoints: list[Endpoint],
+                   measure: Callable[[Endpoint], dict[str, Any]],
+                   describe: Callable[[dict[str, Any]], str]) -> None:
+        """measure(endpoint) in `rounds` rounds, each column once per round. The order
+        rotates (A B C, then B C A, ...) so that no column always runs first or last; a
+        column that fails is not tried again in later rounds of the workload (its failure
+        is recorded)."""
         rounds = self.p.rounds
         results: dict[str, list[dict[str, Any] | None]] = {
             e.column.key: [None] * rounds for e in endpoints}
@@ -248,8 +255,7 @@ class Run:
                 column = endpoint.column
                 if column.key in failed:
                     continue
-                result = self.attempt(key, column,
-                                      functools.partial(self.measure, endpoint, spec))
+                result = self.attempt(key, column, functools.partial(measure, endpoint))
                 if result is None:
                     failed.add(column.key)
                     continue
