@@ -2,22 +2,29 @@
 
 It calls `gforward.start()` when told to and runs the load generator itself, so
 that the "gforward (in-app)" column measures gforward sharing a process, and its
-interpreter lock, with the app. The same process with no forwarder of its own
-is the app of the "busy" scenario for the other columns: one thread busy in pure
-Python while another does 1-byte round trips, through whatever it is pointed at.
+interpreter lock, with the app (isolation="thread"), and "gforward (in-app,
+isolated)" the same call with isolation="process" (the tunnels in a helper
+process). The same process with no forwarder of its own is the app of the
+"busy" scenario for the other columns: one thread busy in pure Python while
+another does 1-byte round trips, then small requests, through whatever it is
+pointed at. A fresh one measures what start() costs ("start").
 
 Commands come on stdin, one JSON object a line; each answer is one line
 ``BENCH {json}`` on stdout, with "ok" false and "error" when it failed:
 
-* ``{"op": "forward", "name": N, "url": U, "spec": S}``: start a forwarder; its "port";
+* ``{"op": "forward", "name": N, "url": U, "spec": S, "isolation": I}``: start a
+  forwarder; its "port" and "helper" (the helper's pid, 0 in thread isolation);
 * ``{"op": "unforward", "name": N}``: close it;
 * ``{"op": "load", "target": T, "spec": L, "pids": {...}, "root": PID}``: one
   `benchmarks.loadgen.run_load`, with CPU figures (``T`` is ``{"forwarder": N}`` or
   ``{"addr": [HOST, PORT]}``);
-* ``{"op": "idle", "target": T, "plan": [...], "settle": S}``: idle tunnels, this
-  process's RSS with each step;
-* ``{"op": "busy", "target": T, "count": C, "warmup": W, "seconds": S}``: round trips
-  idle, then beside a busy thread;
+* ``{"op": "idle", "target": T, "plan": [...], "settle": S, "tree": B}``: idle tunnels,
+  this process's RSS with each step (with its children's, a helper's, if B);
+* ``{"op": "busy", "target": T, "count": C, "warmup": W, "seconds": S, "requests": R}``:
+  round trips and then requests (R: `loadgen.run_load`'s "requests" spec), idle, then
+  beside a busy thread;
+* ``{"op": "start", "url": U, "spec": S, "isolation": I, "repeat": N, "settle": S}``:
+  in a fresh app, the cost of gforward: import, start() and close() times, memory;
 * ``{"op": "quit"}`` (or EOF): close everything and exit.
 """
 
@@ -25,8 +32,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import threading
+import time
 from typing import Any
 
 from benchmarks import loadgen, procfs
@@ -47,19 +56,73 @@ def spin(stop: threading.Event) -> None:
             total += i * i
 
 
-def busy_round_trips(addr: tuple[str, int], count: int, warmup: int, seconds: float,
-                     timeout: float) -> dict[str, Any]:
-    """1-byte round trips from this process: idle, then while another thread spins."""
-    idle = loadgen.latency(loadgen.round_trips(addr, count, warmup, timeout, seconds))
+def busy_app(addr: tuple[str, int], command: dict[str, Any], timeout: float
+             ) -> dict[str, Any]:
+    """1-byte round trips and small requests from this process: idle, then while another
+    thread spins. The requests are driven from this (non-busy) thread, one epoll loop
+    with a handful of keep-alive connections, as an app's request handlers would wait
+    on their database: "idle" and "busy" hold the round trips' latencies,
+    "idle_requests" and "busy_requests" the requests' count and seconds."""
+
+    def phase() -> tuple[dict[str, float], dict[str, Any]]:
+        rtt = loadgen.latency(loadgen.round_trips(addr, command["count"], command["warmup"],
+                                                  timeout, command["seconds"]))
+        load = loadgen.run_load(addr, command["requests"], lambda: None, timeout)
+        return rtt, {"count": load["count"], "seconds": load["seconds"]}
+
+    out: dict[str, Any] = {}
+    out["idle"], out["idle_requests"] = phase()
     stop = threading.Event()
     spinner = threading.Thread(target=spin, args=(stop,), name="busy", daemon=True)
     spinner.start()
     try:
-        busy = loadgen.latency(loadgen.round_trips(addr, count, warmup, timeout, seconds))
+        out["busy"], out["busy_requests"] = phase()
     finally:
         stop.set()
         spinner.join()
-    return {"idle": idle, "busy": busy}
+    return out
+
+
+def start_cost(command: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """What gforward costs a fresh app: `import gforward`, the first start() (and one
+    tunnel through it, for lazy imports and first allocations), the RSS it added to
+    the app and its helper's RSS (isolation="process"), then close(), and `repeat`
+    more start() and close() pairs. Times in ms, memory in KiB."""
+    pid = os.getpid()
+    rss0 = procfs.rss_kib(pid)
+    began = time.perf_counter()
+    import gforward
+
+    imported = time.perf_counter() - began
+
+    def start() -> tuple[Any, float]:
+        began = time.perf_counter()
+        fwd = gforward.start(base_url=command["url"], vm_name=VM, specs=[command["spec"]],
+                             token=command.get("token", ""), isolation=command["isolation"])
+        return fwd, time.perf_counter() - began
+
+    def close(fwd: Any) -> float:
+        began = time.perf_counter()
+        fwd.close()
+        return time.perf_counter() - began
+
+    fwd, first = start()
+    with loadgen.connect(("127.0.0.1", fwd.listeners[0].port), timeout) as sock:
+        loadgen.echo_hello(sock)
+    time.sleep(command["settle"])
+    app_kib = procfs.rss_kib(pid)
+    helper_kib = procfs.tree_rss_kib(pid) - app_kib
+    closes = [close(fwd)]
+    later = []
+    for _ in range(command["repeat"]):
+        fwd, took = start()
+        later.append(took)
+        closes.append(close(fwd))
+    return {"import_ms": imported * 1e3, "first_ms": first * 1e3,
+            "later_ms": statistics.median(later) * 1e3 if later else None,
+            "close_ms": statistics.median(closes) * 1e3, "rss0_kib": rss0,
+            "app_kib": app_kib, "app_delta_kib": app_kib - rss0, "helper_kib": helper_kib,
+            "memory_kib": app_kib - rss0 + helper_kib}
 
 
 class App:
@@ -81,12 +144,16 @@ class App:
             import gforward
 
             fwd = gforward.start(base_url=command["url"], vm_name=VM, specs=[command["spec"]],
-                                 token=command.get("token", ""))
+                                 token=command.get("token", ""),
+                                 isolation=command.get("isolation", "thread"))
             self.forwarders[command["name"]] = fwd
-            return {"port": fwd.listeners[0].port, "version": gforward.__version__}
+            return {"port": fwd.listeners[0].port, "version": gforward.__version__,
+                    "helper": getattr(fwd, "helper_pid", 0)}
         if op == "unforward":
             self.forwarders.pop(command["name"]).close()
             return {}
+        if op == "start":
+            return start_cost(command, self.timeout)
         addr = self.addr(command["target"])
         if op == "load":
             pids = {**command["pids"], "app": os.getpid()}
@@ -95,11 +162,11 @@ class App:
                 self.timeout)
             return loadgen.account(result, in_app="app")
         if op == "idle":
-            return loadgen.idle_steps(addr, command["plan"], lambda: procfs.rss_kib(os.getpid()),
+            rss = procfs.tree_rss_kib if command.get("tree") else procfs.rss_kib
+            return loadgen.idle_steps(addr, command["plan"], lambda: rss(os.getpid()),
                                       self.timeout, command["settle"])
         if op == "busy":
-            return busy_round_trips(addr, command["count"], command["warmup"],
-                                    command["seconds"], self.timeout)
+            return busy_app(addr, command, self.timeout)
         raise BenchError(f"unknown op {op!r}")
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 A column is one way to reach the guest: `direct` (the limit), `process` (the
 `gforward` command line), `app` (gforward.start() inside the app process that
-also runs the load) and one per `--peer NAME=COMMAND`. Forwarders of the
+also runs the load: its tunnels in a hub thread of the app, isolation="thread"),
+`isolated` (the same with isolation="process": the tunnels in a helper process
+that start() launches) and one per `--peer NAME=COMMAND`. Forwarders of the
 `process` and peer columns are commands with placeholders, started the same
 way: the benchmark picks a free port, passes the spec `127.0.0.1:PORT:GUEST`
 and waits until that port listens, whatever the program prints. The daemon is
@@ -35,7 +37,7 @@ START_TIMEOUT = 30.0  # for a program to listen
 class Column:
     """One column of the table."""
 
-    key: str  # "direct", "process", "app", or "peer:NAME"
+    key: str  # "direct", "process", "app", "isolated", or "peer:NAME"
     title: str
     command: str = ""  # the forwarder's command line (process and peer columns)
 
@@ -43,11 +45,23 @@ class Column:
     def is_peer(self) -> bool:
         return self.key.startswith("peer:")
 
+    @property
+    def in_app(self) -> bool:
+        """Whether the app starts this column's forwarder with gforward.start()."""
+        return self.key in IN_APP
+
+    @property
+    def isolation(self) -> str:
+        """The Options.isolation of an in-app column's forwarder."""
+        return IN_APP.get(self.key, "")
+
 
 DIRECT = Column("direct", "direct")
 PROCESS = Column("process", "gforward (process)", PROCESS_COMMAND)
 APP = Column("app", "gforward (in-app)")
-BUILTIN = (DIRECT, PROCESS, APP)
+ISOLATED = Column("isolated", "gforward (in-app, isolated)")
+BUILTIN = (DIRECT, PROCESS, APP, ISOLATED)
+IN_APP = {"app": "thread", "isolated": "process"}  # column key: its forwarder's isolation
 
 
 def peer_column(text: str) -> Column:
@@ -102,6 +116,7 @@ class Endpoint:
     forwarder: Child | None = None  # process and peer columns
     app: Child | None = None  # in-app: the app runs the load itself
     name: str = ""  # the app's name for its forwarder
+    helper: int = 0  # isolated: the pid of the forwarder's helper process
 
 
 class Processes:
@@ -152,18 +167,20 @@ class Processes:
 
     def open(self, column: Column, daemon: Daemon | None, guest: tuple[str, int], label: str,
              app: Child | None = None) -> Endpoint:
-        """`column`'s way to the guest through `daemon`; for the in-app column, a forwarder
-        inside `app` (which must be given)."""
+        """`column`'s way to the guest through `daemon`; for an in-app column, a forwarder
+        inside `app` (which must be given), with that column's isolation."""
         target = f"{guest[0]}:{guest[1]}"
         if column.key == "direct" or daemon is None:
             return Endpoint(column, guest)
-        if column.key == "app":
+        if column.in_app:
             assert app is not None
-            answer = app.request({"op": "forward", "name": label, "url": daemon.url,
+            name = f"{label}-{column.key}"
+            answer = app.request({"op": "forward", "name": name, "url": daemon.url,
                                   "spec": f"127.0.0.1:0:{target}",
-                                  "token": self.values.get("token", "")}, START_TIMEOUT)
+                                  "token": self.values.get("token", ""),
+                                  "isolation": column.isolation}, START_TIMEOUT)
             return Endpoint(column, ("127.0.0.1", int(answer["port"])), daemon, app=app,
-                            name=label)
+                            name=name, helper=int(answer["helper"]))
         port = free_port()
         values = {**self.values, "url": daemon.url, "spec": f"127.0.0.1:{port}:{target}",
                   "port": str(port), "guest": target}

@@ -58,6 +58,7 @@ class Target:
 
 
 BULK = Target(2.0, note="today's bulk targets: 2x up, 1.5x down")
+BUSY_NOTE = "beside a busy thread: within 1.1x of the peer, in the best isolation"
 TARGETS: dict[str, Target] = {
     "upload_1": BULK, "upload_8": BULK,
     "download_1": Target(1.5, note=BULK.note), "download_8": Target(1.5, note=BULK.note),
@@ -72,6 +73,9 @@ TARGETS: dict[str, Target] = {
     "per_request": Target(1.2),
     "cpu_frames": Target(0.5),
     "tls_upload_1": Target(1.5), "tls_download_1": Target(1.5),
+    # Issue 14: a plain app's forwarder, in its best isolation, within 1.1x of the peer
+    # run beside the app, under load.
+    "busy_median": Target(1.1, note=BUSY_NOTE), "busy_requests": Target(0.91, note=BUSY_NOTE),
     "kib_per_tunnel": Target(8, vs_peer=False),
     "tunnels_held": Target(10000, vs_peer=False),
 }
@@ -94,8 +98,14 @@ def cpu_per_gib(key: str) -> Callable[[dict[str, Any]], Value]:
     return lambda raw: (r := _result(raw, key))["forwarder_cpu"] / (r["bytes"] / GiB)
 
 
-def rate(key: str) -> Callable[[dict[str, Any]], Value]:
-    return lambda raw: (r := _result(raw, key))["count"] / r["seconds"]
+def rate(key: str, *path: str) -> Callable[[dict[str, Any]], Value]:
+    def value(raw: dict[str, Any]) -> Value:
+        found: Any = _result(raw, key)
+        for name in path:
+            found = found[name]
+        return float(found["count"]) / float(found["seconds"])
+
+    return value
 
 
 def cpu_per_op(key: str, scale: float = 1e6) -> Callable[[dict[str, Any]], Value]:
@@ -203,6 +213,12 @@ def figures(run: Run) -> list[Figure]:
                field("busy", "busy", "median_us")),
         Figure("busy_p99", "round trip beside a busy thread, p99", "us", False, 0,
                field("busy", "busy", "p99_us")),
+        Figure("busy_idle_requests", f"requests of {p.busy_request} B from an idle app,"
+               f" {p.busy_clients} connections", "req/s", True, 0,
+               rate("busy", "idle_requests")),
+        Figure("busy_requests", f"requests of {p.busy_request} B beside a busy thread,"
+               f" {p.busy_clients} connections", "req/s", True, 0,
+               rate("busy", "busy_requests")),
         Figure("setup_seq", "tunnel setup, sequential", "conn/s", True, 0, rate("setup_seq")),
         Figure("setup_conc", f"tunnel setup, {p.concurrency} concurrent", "conn/s", True, 0,
                rate("setup_conc")),
@@ -219,12 +235,22 @@ def figures(run: Run) -> list[Figure]:
     ]
     figs += [Figure(key, label, unit, better, digits, idle_figure(key, steps), direct=False)
              for key, label, unit, better, digits in idle]
+    figs += [
+        Figure("start_first", "start() in a fresh app (after import)", "ms", False, 1,
+               field("start", "first_ms"), direct=False),
+        Figure("start_later", f"start() again (median of {p.start_repeat})", "ms", False, 1,
+               field("start", "later_ms"), direct=False),
+        Figure("close", "close()", "ms", False, 1, field("start", "close_ms"), direct=False),
+        Figure("start_memory", "memory start() adds (app + helper)", "MiB", False, 1,
+               lambda raw: float(_result(raw, "start")["memory_kib"]) / 1024, direct=False),
+    ]
     return figs
 
 
 # The table's numbers ----------------------------------------------------------------------
 
-GFORWARD = ("process", "app")
+GFORWARD = ("process", "app", "isolated")  # gforward's columns: ratios and targets
+SHORT = {"process": "proc", "app": "app", "isolated": "iso"}  # in the table's headers
 SPREAD = 0.10  # per-round ratios further apart than this (of their median) show their range
 
 
@@ -286,8 +312,8 @@ def compute(run: Run) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
     peer = run.peers[0] if run.peers else None
     table: dict[str, dict[str, Any]] = {}
     for fig in figs:
-        row: dict[str, Any] = {"label": fig.label, "unit": fig.unit, "process": None,
-                               "app": None, "direct": None, "rounds": {}}
+        row: dict[str, Any] = {"label": fig.label, "unit": fig.unit, "direct": None,
+                               **dict.fromkeys(GFORWARD), "rounds": {}}
         for column in run.columns:
             values, note, why = cell(run, column, fig)
             row[column.key] = median(values)
@@ -344,16 +370,23 @@ def ratio(row: dict[str, Any], name: str) -> str:
     return text
 
 
-def ratios(row: dict[str, Any], prefix: str) -> str:
-    return " / ".join(ratio(row, f"{prefix}_{mode}") for mode in GFORWARD)
+def ratios(row: dict[str, Any], prefix: str, modes: Sequence[str]) -> str:
+    return " / ".join(ratio(row, f"{prefix}_{mode}") for mode in modes)
+
+
+def run_modes(run: Run) -> list[str]:
+    """gforward's columns in this run (--modes may leave some out)."""
+    return [mode for mode in GFORWARD if run.has(mode)]
 
 
 def print_table(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) -> None:
     peer = run.peers[0] if run.peers else None
-    header = ["figure", "unit", *(c.title for c in run.columns), "vs direct (proc / app)"]
+    modes = run_modes(run)
+    names = " / ".join(SHORT[mode] for mode in modes)
+    header = ["figure", "unit", *(c.title for c in run.columns), f"vs direct ({names})"]
     if peer is not None:
-        header.append(f"vs {peer.title} (proc / app)")
-    header += ["target", "met (proc / app)"]
+        header.append(f"vs {peer.title} ({names})")
+    header += ["target", f"met ({names})"]
     rows = [header]
     for fig in figs:
         row = table[fig.key]
@@ -364,9 +397,10 @@ def print_table(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
         for column in run.columns:
             marked = column.key in row.get("notes", {})
             cells.append(fmt(row[column.key], fig.digits) + (" *" if marked else ""))
-        cells.append(ratios(row, "ratio") if fig.direct else "")
+        cells.append(ratios(row, "ratio", modes) if fig.direct else "")
         if peer is not None:
-            cells.append(ratios(row, "vs_peer") if row.get(peer.key) is not None else "")
+            cells.append(ratios(row, "vs_peer", modes) if row.get(peer.key) is not None
+                         else "")
         target, met = "", ""
         if "target" in row:
             sign = ">=" if fig.higher_is_better else "<="
@@ -376,7 +410,7 @@ def print_table(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
                 met = "needs --peer"
             else:
                 met = " / ".join("n/a" if row.get(f"met_{m}") is None else
-                                 "met" if row[f"met_{m}"] else "NOT met" for m in GFORWARD)
+                                 "met" if row[f"met_{m}"] else "NOT met" for m in modes)
         rows.append([*cells, target, met])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     numeric = set(range(2, 2 + len(run.columns)))
@@ -430,11 +464,14 @@ def print_notes(run: Run, figs: list[Figure], table: dict[str, dict[str, Any]]) 
               " round, the columns' order\n  rotating from round to round; a figure is the"
               " median over rounds, a ratio the median of the\n  ratios within each round,"
               f" followed by (lowest-highest) when those differ by more than {SPREAD:.0%}."
-              "\n  Memory and the busy app ran once.")
+              "\n  Memory and start() ran once.")
     print("\nnotes: MB = 10^6 bytes. Ratios: gforward's figure over the other column's."
-          "\n  'in-app' RSS is the whole app process (its load generator included); in-app"
-          " forwarder CPU\n  is the app's less the load generator's own thread time. A peer's"
-          " CPU and RSS are its whole process tree's.\n  Each idle tunnel holds 6 fds: "
+          "\n  'in-app' RSS is the whole app process (its load generator included), 'isolated'"
+          " the app's\n  plus its helper's (isolation=\"process\"); in-app forwarder CPU is"
+          " the app's (and its helper's)\n  less the load generator's own thread time. A"
+          " peer's CPU and RSS are its whole process tree's.\n  'memory start() adds': the"
+          " app's RSS growth from before `import gforward` to after start()\n  and one"
+          " tunnel, plus the helper's RSS. Each idle tunnel holds 6 fds: "
           + FDS_PER_TUNNEL + f"; RLIMIT_NOFILE in every process: {run.nofile}.")
     for note in run.notes:
         print(f"  {note}")
@@ -469,7 +506,7 @@ def print_cpu_breakdown(run: Run) -> None:
                 system = median([cpu.get(f"{name} sys") for _, cpu in measured])
                 cells.append(f"{name} {value:.2f}"
                              + (f" (sys {system:.2f})" if system is not None else ""))
-            print(f"  {key:<15} {unit:<5} {column.title:<19} " + ", ".join(cells))
+            print(f"  {key:<15} {unit:<5} {column.title:<27} " + ", ".join(cells))
 
 
 def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:

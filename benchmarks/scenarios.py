@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from benchmarks import loadgen, procfs, profiling
 from benchmarks.children import BenchError, Child
-from benchmarks.columns import APP, Column, Endpoint
+from benchmarks.columns import Column, Endpoint
 from benchmarks.protocol import GiB, MiB
 from benchmarks.session import Run, log
 
@@ -109,31 +109,43 @@ def _timed(run: Run, endpoints: list[Endpoint], key: str, kind: str, size: int, 
 
 
 def busy(run: Run, endpoints: list[Endpoint]) -> None:
-    """A plain app with one thread busy in pure Python and one doing 1-byte round trips:
-    straight to the guest, through a forwarder process beside it, or through gforward
-    in the app. Each column gets a fresh app."""
+    """A plain app with one thread busy in pure Python and another doing 1-byte round
+    trips, then small requests on a few keep-alive connections: straight to the guest,
+    through a forwarder process beside it, or through gforward in the app (in each
+    isolation). Each column gets a fresh app, once a round (the GIL's handovers, and so
+    these figures, follow whatever else the machine's two cores do)."""
     p = run.p
     log(f"round trips from an app, idle then beside a busy thread: {p.busy_count} each"
-        f" (at most {p.busy_seconds:g} s)")
-    command = {"op": "busy", "count": p.busy_count, "warmup": 10, "seconds": p.busy_seconds}
-    for endpoint in endpoints:
-        column = endpoint.column
+        f" (at most {p.busy_seconds:g} s); then requests of {p.busy_request} B on"
+        f" {p.busy_clients} keep-alive connections, {p.busy_window:g} s")
+    command = {"op": "busy", "count": p.busy_count, "warmup": 10, "seconds": p.busy_seconds,
+               "requests": {"kind": "requests", "clients": p.busy_clients,
+                            "request": p.busy_request, "reply": p.busy_request, "depth": 1,
+                            "warmup": p.busy_warmup, "seconds": p.busy_window}}
 
-        def work(column: Column = column, endpoint: Endpoint = endpoint) -> dict[str, Any]:
-            app = run.procs.app(f"app-busy-{column.key}")
-            try:
-                target: dict[str, Any] = {"addr": list(endpoint.addr)}
-                if column.key == "app":
-                    run.procs.open(APP, run.daemon(), run.guest_addr, "busy", app)
-                    target = {"forwarder": "busy"}
-                return app.request({**command, "target": target}, run.remaining())
-            finally:
-                run.children.retire(app)
+    def work(endpoint: Endpoint) -> dict[str, Any]:
+        app = run.procs.app(f"app-busy-{endpoint.column.key}")
+        try:
+            target: dict[str, Any] = {"addr": list(endpoint.addr)}
+            if endpoint.column.in_app:
+                mine = run.procs.open(endpoint.column, run.daemon(), run.guest_addr, "busy",
+                                      app)
+                target = {"forwarder": mine.name}
+            before = procfs.snapshot({}, os.getpid())
+            result = app.request({**command, "target": target}, run.remaining())
+            return {**result, **procfs.window(before, procfs.snapshot({}, os.getpid()))}
+        finally:
+            run.children.retire(app)
 
-        result = run.attempt("busy", column, work)
-        if result is not None:
-            run.record("busy", column, result, f"idle {latencies(result['idle'])};"
-                       f" busy {latencies(result['busy'])}")
+    def describe(r: dict[str, Any]) -> str:
+        return (f"idle {latencies(r['idle'])}, {requests_rate(r['idle_requests'])};"
+                f" busy {latencies(r['busy'])}, {requests_rate(r['busy_requests'])}")
+
+    run.run_rounds("busy", endpoints, work, describe)
+
+
+def requests_rate(r: dict[str, Any]) -> str:
+    return f"{r['count'] / r['seconds']:.0f} req/s"
 
 
 MAIN: dict[str, Callable[[Run, list[Endpoint]], None]] = {
@@ -149,7 +161,7 @@ def frames(run: Run) -> None:
     """A download of 32 KiB frames from a daemon that costs nothing: the client's own cost."""
     log(f"download of 32 KiB frames from the frames daemon, {run.p.frames_size / MiB:g} MiB")
     daemon = run.procs.frames_daemon()
-    app = run.procs.app("app-frames") if run.has("app") else None
+    app = run.procs.app("app-frames") if run.in_app else None
     endpoints = run.open_all(daemon, "frames", run.forwarding, app)
     run.run_load("frames", endpoints, {"kind": "drain", "size": run.p.frames_size}, rate)
     retire(run, endpoints, app)
@@ -160,7 +172,7 @@ def tls(run: Run) -> None:
     log(f"through an https daemon: upload and download, 1 stream x {run.p.tls_size / MiB:g} MiB")
     daemon = run.procs.daemon(run.args.tls_daemon, "tls-daemon", tls=True)
     log(f"https daemon at {daemon.url} (pid {daemon.child.pid})")
-    app = run.procs.app("app-tls") if run.has("app") else None
+    app = run.procs.app("app-tls") if run.in_app else None
     endpoints = run.open_all(daemon, "tls", run.forwarding, app)
     for kind in ("upload", "download"):
         run.run_load(f"tls_{kind}_1", endpoints,
@@ -205,13 +217,16 @@ def idle(run: Run) -> None:
     for column in run.forwarding:
 
         def work(column: Column = column) -> dict[str, Any]:
-            if column.key == "app":
-                app = run.procs.app("app-idle")
+            if column.in_app:  # the RSS of the app, and of its helper if it has one
+                app = run.procs.app(f"app-idle-{column.key}")
                 try:
-                    run.procs.open(APP, daemon, run.guest_addr, "idle", app)
-                    plan = idle_plan(run, {"app": (app.pid, 3), **shared})
-                    return app.request({"op": "idle", "target": {"forwarder": "idle"},
-                                        "plan": plan, "settle": p.settle}, run.remaining())
+                    mine = run.procs.open(column, daemon, run.guest_addr, "idle", app)
+                    fds = ({"app": (app.pid, 1), "helper": (mine.helper, 2)} if mine.helper
+                           else {"app": (app.pid, 3)})
+                    plan = idle_plan(run, {**fds, **shared})
+                    return app.request({"op": "idle", "target": {"forwarder": mine.name},
+                                        "plan": plan, "settle": p.settle,
+                                        "tree": bool(mine.helper)}, run.remaining())
                 finally:
                     run.children.retire(app)
             endpoint = run.procs.open(column, daemon, run.guest_addr, "idle")
@@ -252,7 +267,39 @@ def wait_quiet(pid: int, baseline: int) -> None:
         time.sleep(0.2)
 
 
-OWN: dict[str, Callable[[Run], None]] = {"frames": frames, "tls": tls, "idle": idle}
+def start(run: Run) -> None:
+    """What gforward.start() costs a fresh app, in each isolation: its time (the first,
+    and again), close()'s, and the memory it adds (the app's growth, plus the helper's
+    RSS with isolation="process")."""
+    p, daemon = run.p, run.daemon()
+    log(f"start() and close() in a fresh app: the first, then {p.start_repeat} more")
+    for column in run.in_app:
+
+        def work(column: Column = column) -> dict[str, Any]:
+            app = run.procs.app(f"app-start-{column.key}")
+            try:
+                return app.request({"op": "start", "url": daemon.url,
+                                    "spec": f"127.0.0.1:0:{run.guest_addr[0]}:"
+                                            f"{run.guest_addr[1]}",
+                                    "token": run.procs.values.get("token", ""),
+                                    "isolation": column.isolation, "repeat": p.start_repeat,
+                                    "settle": p.settle}, run.remaining())
+            finally:
+                run.children.retire(app)
+
+        result = run.attempt("start", column, work)
+        if result is not None:
+            later = "-" if result["later_ms"] is None else f"{result['later_ms']:.1f}"
+            run.record("start", column, result,
+                       f"import {result['import_ms']:.0f} ms, start() {result['first_ms']:.1f}"
+                       f" ms first, {later} ms later, close() {result['close_ms']:.1f} ms;"
+                       f" memory {result['memory_kib'] / 1024:.1f} MiB (app"
+                       f" +{result['app_delta_kib'] / 1024:.1f}, helper"
+                       f" {result['helper_kib'] / 1024:.1f})")
+
+
+OWN: dict[str, Callable[[Run], None]] = {"frames": frames, "tls": tls, "idle": idle,
+                                          "start": start}
 SCENARIOS = [*MAIN, *OWN]
 
 
@@ -289,7 +336,7 @@ def timed(run: Run, name: str, started: float) -> None:
 def shared(run: Run, wanted: list[str]) -> None:
     """The scenarios that share one forwarder per column, then the profile."""
     daemon = run.daemon()
-    app = run.procs.app("app") if run.has("app") else None
+    app = run.procs.app("app") if run.in_app else None
     endpoints = run.open_all(daemon, "main", run.columns, app)
     try:
         for name in wanted:

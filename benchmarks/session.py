@@ -62,6 +62,11 @@ class Params:
     tls_size: int
     busy_count: int  # round trips beside a busy thread (each phase)
     busy_seconds: float  # at most this long per phase
+    busy_clients: int  # keep-alive connections of the busy app's requests
+    busy_request: int  # bytes of each of those requests (and of each reply)
+    busy_window: float  # measured window of those requests (each phase)
+    busy_warmup: float  # before that window
+    start_repeat: int  # start() and close() pairs after the first, in a fresh app
     io_timeout: float
     settle: float  # with idle tunnels open, before reading RSS
     load_settle: float  # after a load, before its last CPU reading: tunnels wind down
@@ -90,6 +95,11 @@ class Params:
             tls_size=size,
             busy_count=20 if quick else 1000,
             busy_seconds=1.0 if quick else 5.0,
+            busy_clients=4,
+            busy_request=512,
+            busy_window=0.2 if quick else 1.0,
+            busy_warmup=0.05 if quick else 0.3,
+            start_repeat=2 if quick else 5,
             io_timeout=10.0 if quick else 30.0,
             settle=0.3 if quick else 1.0,
             load_settle=0.05 if quick else 0.2,
@@ -163,6 +173,11 @@ class Run:
     def has(self, key: str) -> bool:
         return any(c.key == key for c in self.columns)
 
+    @property
+    def in_app(self) -> list[Column]:
+        """The columns whose forwarder the app starts (one per isolation)."""
+        return [c for c in self.columns if c.in_app]
+
     # Measuring ------------------------------------------------------------------
 
     def measure(self, endpoint: Endpoint, spec: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +204,7 @@ class Run:
             text = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
             self.failures.append(f"{key}, {column.title}: {text}")
             self.missing[column.key][key] = "failed (see below)"
-            log(f"{key:<11} {column.title:<19} FAILED: {text}")
+            log(f"{key:<11} {column.title:<27} FAILED: {text}")
             return None
 
     def keep(self, key: str, column: Column, result: dict[str, Any]) -> None:
@@ -214,13 +229,20 @@ class Run:
             steal = result["steal"] / max(result["window"], 1e-9)
             if result["steal"] >= 0.05 and steal >= 0.05:
                 text += f"  [steal {steal:.1f} cores]"
-        log(f"{key:<11} {label + ' ' if label else ''}{column.title:<19} {text}")
+        log(f"{key:<11} {label + ' ' if label else ''}{column.title:<27} {text}")
 
     def run_load(self, key: str, endpoints: list[Endpoint], spec: dict[str, Any],
                  describe: Callable[[dict[str, Any]], str]) -> None:
-        """One workload in `rounds` rounds, each column once per round. The order rotates
-        (A B C, then B C A, ...) so that no column always runs first or last; a column that
-        fails is not tried again in later rounds of the workload (its failure is recorded)."""
+        """One workload in `rounds` rounds, each column once per round (`run_rounds`)."""
+        self.run_rounds(key, endpoints, functools.partial(self.measure, spec=spec), describe)
+
+    def run_rounds(self, key: str, endpoints: list[Endpoint],
+                   measure: Callable[[Endpoint], dict[str, Any]],
+                   describe: Callable[[dict[str, Any]], str]) -> None:
+        """measure(endpoint) in `rounds` rounds, each column once per round. The order
+        rotates (A B C, then B C A, ...) so that no column always runs first or last; a
+        column that fails is not tried again in later rounds of the workload (its failure
+        is recorded)."""
         rounds = self.p.rounds
         results: dict[str, list[dict[str, Any] | None]] = {
             e.column.key: [None] * rounds for e in endpoints}
@@ -233,8 +255,7 @@ class Run:
                 column = endpoint.column
                 if column.key in failed:
                     continue
-                result = self.attempt(key, column,
-                                      functools.partial(self.measure, endpoint, spec))
+                result = self.attempt(key, column, functools.partial(measure, endpoint))
                 if result is None:
                     failed.add(column.key)
                     continue

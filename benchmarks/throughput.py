@@ -10,8 +10,9 @@
 Everything runs on loopback, each part in its own process, as in real use: a
 guest service (benchmarks/guest.py), the daemon (the reference one,
 `python -m gforward.daemon`, unless --daemon), gforward as a process (its
-command line), an "app" that calls gforward.start() and runs the load itself,
-and any other forwarder given with --peer. Each rate-like workload
+command line), an "app" that calls gforward.start() and runs the load itself
+(once with each isolation: its tunnels in a thread of the app, or in a helper
+process), and any other forwarder given with --peer. Each rate-like workload
 (benchmarks/scenarios.py) runs in --rounds rounds, every column once a round,
 the columns' order rotating from round to round; the table gives the median
 over rounds, and ratios as the median of each round's ratio, so that the
@@ -92,7 +93,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--tls-daemon", default=REFERENCE_TLS_DAEMON, metavar="COMMAND",
         help="the https daemon of the tls scenario (default: the reference daemon's own TLS)")
     add("--modes", default=",".join(c.key for c in BUILTIN),
-        help="built-in columns to run, comma-separated: direct,process,app")
+        help="built-in columns to run, comma-separated: direct,process,app,isolated (app:"
+        " gforward.start() in the app, its tunnels in a hub thread; isolated: the same with"
+        " isolation='process', its tunnels in a helper process)")
     add("--json", metavar="FILE", help="write the raw figures as JSON")
     add("--plot", metavar="FILE.png", help="plot throughput (needs matplotlib)")
     add("--size", type=parse_size, help="bytes per bulk stream (default 512M; 32M quick)")
@@ -120,7 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds takes a number of rounds, 1 or more")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(args.modes) - {c.key for c in BUILTIN}:
-        parser.error("--modes takes some of direct,process,app")
+        parser.error("--modes takes some of direct,process,app,isolated")
     try:
         args.peers = [peer_column(text) for text in args.peer]
         check_placeholders(args.daemon, DAEMON_PLACEHOLDERS, "--daemon")

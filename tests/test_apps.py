@@ -128,6 +128,21 @@ def test_forward_per_request_in_a_gevent_wsgi_app(mode: str) -> None:
     assert line_with(lines, "ticker greenlet alive: True")
 
 
+@pytest.mark.parametrize("hook", ["post_fork", "post_worker_init"])
+def test_gunicorn_gevent_worker_says_when_the_forwarder_started_too_early(
+        hook: str, short_tmp: str) -> None:
+    """gunicorn's gevent worker patches the process after post_fork: a forwarder started
+    there finds a plain process, and says so once per worker (PATCHED_LATE) when it
+    sees the patch; started in post_worker_init, it joins the worker's hub silently.
+    Requests through it work either way."""
+    lines = checked(run_app("gunicorn_app.py", hook, short_tmp, timeout=60))
+    assert "0 failed, workers answering: 2" in line_with(lines, "requests: ")
+    assert "gunicorn exited: 0" in lines
+    once = hook == "post_fork"
+    assert line_with(lines, "hints per worker: ") == f"hints per worker: {[int(once)] * 2}"
+    assert "hints from workers that served no request: []" in lines
+
+
 def test_partly_patched_process_keeps_its_hub() -> None:
     lines = checked(run_app("partial_patch.py"))
     assert "the app's hub still runs greenlets: True" in lines

@@ -1,6 +1,7 @@
 """The benchmarks must not rot: `benchmarks/throughput.py --quick` runs every workload, with
-the gforward command line run a second time as a `--peer`, and reports every figure; with
-`--rounds 2`, figures are medians over rounds and ratios medians of each round's ratio."""
+the gforward command line run a second time as a `--peer`, and reports every figure (the
+in-app forwarder in each isolation among them); with `--rounds 2`, figures are medians over
+rounds and ratios medians of each round's ratio."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ SELF_PEER = "self={python} -m gforward {vm} {spec} --url {url} --token {token}"
 THROUGHPUT = ["upload_1", "download_1", "upload_8", "download_8"]
 REQUESTS = ["requests_64", "requests_512", "requests_4096", "pipelined", "per_request"]
 WITH_DIRECT = [*THROUGHPUT, *REQUESTS, "rtt_median", "rtt_p99", "setup_seq", "setup_conc",
-               "busy_idle_median", "busy_idle_p99", "busy_median", "busy_p99"]
+               "busy_idle_median", "busy_idle_p99", "busy_median", "busy_p99",
+               "busy_idle_requests", "busy_requests"]
 FORWARDER_ONLY = [
     "cpu_upload_1", "cpu_download_1", "cpu_upload_8", "cpu_download_8", "cpu_per_conn",
     "cpu_requests_64", "cpu_requests_512", "cpu_requests_4096", "cpu_pipelined",
@@ -29,9 +31,12 @@ FORWARDER_ONLY = [
     "rss_idle_0", "rss_idle_small", "kib_per_tunnel", "tunnels_held",
 ]
 SKIPPED_IN_QUICK = ["rss_idle_large"]  # the 10,000-tunnel step: present, with a reason
-FORWARDERS = ["process", "app", "peer:self"]
+IN_APP_ONLY = ["start_first", "start_later", "close", "start_memory"]  # what start() costs
+GFORWARD = ["process", "app", "isolated"]  # the CLI, then start() in each isolation
+FORWARDERS = [*GFORWARD, "peer:self"]
 VS_PEER = ["upload_1", "rtt_median", "setup_conc", "requests_64", "cpu_requests_64",
-           "pipelined", "per_request", "cpu_frames", "tls_download_1"]
+           "pipelined", "per_request", "cpu_frames", "tls_download_1", "busy_median",
+           "busy_requests"]
 
 
 @pytest.mark.timeout(150)
@@ -43,7 +48,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=140, check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "| figure" in proc.stdout and "vs self (proc / app)" in proc.stdout  # the table
+    assert "| figure" in proc.stdout and "vs self (proc / app / iso)" in proc.stdout  # the table
+    assert "gforward (in-app, isolated)" in proc.stdout
     assert "upload_1" in proc.stderr  # progress went to stderr
 
     data = json.loads(out.read_text())
@@ -53,7 +59,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         for column in ["direct", *FORWARDERS]:
             value = figures[key][column]
             assert isinstance(value, (int, float)) and value > 0, (key, column, value)
-        for column in ["process", "app"]:
+        for column in GFORWARD:
             assert figures[key][f"ratio_{column}"] > 0, (key, column)
     for key in FORWARDER_ONLY:
         assert figures[key]["direct"] is None, key
@@ -66,10 +72,18 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
             assert figures[key]["skipped"][column], (key, column)
     for column in FORWARDERS:
         assert figures["tunnels_held"][column] == 100
+    for key in IN_APP_ONLY:
+        for column in ["app", "isolated"]:
+            value = figures[key][column]
+            assert isinstance(value, (int, float)) and value > 0, (key, column, value)
+        for column in ["direct", "process", "peer:self"]:
+            assert figures[key][column] is None, (key, column)
+    [thread], [isolated] = data["raw"]["app"]["start"], data["raw"]["isolated"]["start"]
+    assert thread["helper_kib"] == 0 and isolated["helper_kib"] > 0
     for key in VS_PEER:  # targets against the first peer, decided either way
         row = figures[key]
         assert row["target_vs_peer"] and row["peer"] == "peer:self", key
-        for column in ["process", "app"]:
+        for column in GFORWARD:
             assert row[f"vs_peer_{column}"] is not None, (key, column)
             assert row[f"met_{column}"] in (True, False), (key, column)
     for key in ["kib_per_tunnel", "tunnels_held"]:
@@ -104,7 +118,7 @@ def test_rounds_give_medians_of_per_round_ratios(tmp_path: Path) -> None:
     for column in columns:
         assert len(row["rounds"][column]) == 2
         assert row[column] == pytest.approx(sum(row["rounds"][column]) / 2)
-    for name in ["ratio_process", "vs_peer_process", "vs_peer_app"]:
+    for name in ["ratio_process", "vs_peer_process", "vs_peer_app", "vs_peer_isolated"]:
         per_round = row[f"{name}_rounds"]
         assert len(per_round) == 2 and all(v > 0 for v in per_round), name
         assert row[name] == pytest.approx(sum(per_round) / 2), name  # their median

@@ -1,0 +1,592 @@
+"""isolation="process" (gforward/isolated.py, gforward/helper.py): the listeners and tunnels
+in a helper process, the Forwarder's API across the process boundary.
+
+The helper's life: gone after close(), after the app exits without closing, after
+the app is killed (SIGKILL), and when the app's parent dies while a forked child
+lives; its unix socket files removed each time.  Errors at start() as in thread
+mode, with nothing left bound and no helper left.  stats, wait_ready, add/remove
+and close(drain=...) across the boundary (short versions of test_operations.py's),
+and the helper's log records in the app's logger.  Real sockets, real processes
+(tests/apps/isolated.py for the app's own deaths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+import gforward
+import gforward.daemon
+from gforward.isolated import IsolatedForwarder
+from tests.peers.guest import Guest
+from tests.peers.programs import READ_TIMEOUT, clean_env
+from tests.support import (
+    can_bind,
+    closed_port,
+    connect,
+    echo_once,
+    forward,
+    free_port,
+    local_address,
+    read_exact,
+    read_to_eof,
+    refused,
+    wait_until,
+    warnings_of,
+)
+from tests.test_operations import ask, slow_reply
+
+APPS = Path(__file__).parent / "apps"
+WAIT = 15.0
+GONE_WITHIN = 5.0  # seconds for a helper to end once its app has
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def isolated(base_url: str, target: str = "127.0.0.1:9", **options: object
+             ) -> IsolatedForwarder:
+    fwd = forward(base_url, target, isolation="process", **options)
+    assert isinstance(fwd, IsolatedForwarder)
+    return fwd
+
+
+def state(pid: int) -> str:
+    """"gone" (no such process, not even a zombie), or its state letter (Z: a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def children() -> set[int]:
+    """This process's children."""
+    found: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+            found.update(int(pid) for pid in f.read().split())
+    return found
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Make this process the subreaper of its descendants for a while: a helper whose app
+    died is then reparented here (not to init), so the test can see it exit and reap it:
+    a process that is really gone, not a zombie left for someone else."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip("cannot become a child subreaper here")
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def reaped(pid: int, timeout: float) -> int | None:
+    """Wait up to `timeout` s for an adopted process to exit, and reap it: its exit code
+    (negative: killed by that signal), or None if it still runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+class App:
+    """tests/apps/isolated.py in a session of its own: stdout lines read with a timeout,
+    its whole process group killed at the end (a helper too, if it outlived the test)."""
+
+    def __init__(self, mode: str, url: str, target: str, directory: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, str(APPS / "isolated.py"), mode, url, target, directory],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=str(APPS.parent.parent), env=clean_env(), start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self.readers = [threading.Thread(target=self._read, args=(self.popen.stdout, True),
+                                         daemon=True),
+                        threading.Thread(target=self._read, args=(self.popen.stderr, False),
+                                         daemon=True)]
+        for reader in self.readers:
+            reader.start()
+        self.helper = int(self.expect("helper ").split()[1])
+        self.port = int(self.expect("port ").split()[1])
+        self.unix = self.expect("unix ").split()[1]
+
+    def _read(self, stream: IO[str], out: bool) -> None:
+        for line in stream:
+            (self.out if out else self.err).append(line.rstrip("\n"))
+            if out:
+                self.lines.put(line.rstrip("\n"))
+        if out:
+            self.lines.put(None)
+
+    def expect(self, start: str, timeout: float = READ_TIMEOUT) -> str:
+        """The next line starting with `start` (earlier ones are kept in `out`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"no line {start!r} in {timeout:g} s: {self.out} {self.err}")
+            if line is None:
+                pytest.fail(f"the app ended before {start!r}: {self.out} {self.err}")
+            if line.startswith(start):
+                return line
+
+    def finish(self, timeout: float = 30) -> int:
+        status = self.popen.wait(timeout)
+        for reader in self.readers:
+            reader.join(READ_TIMEOUT)
+        return status
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(READ_TIMEOUT)
+
+
+@pytest.fixture
+def apps() -> Iterator[list[App]]:
+    """Every app a test runs, its process group killed at the end."""
+    every: list[App] = []
+    try:
+        yield every
+    finally:
+        for app in every:
+            app.kill_group()
+
+
+def run(apps: list[App], mode: str, daemon: gforward.daemon.Daemon, target: str,
+        directory: str) -> App:
+    app = App(mode, daemon.url, target, directory)
+    apps.append(app)
+    return app
+
+
+# The helper's life ---------------------------------------------------------------------
+
+
+def test_a_helper_serves_and_is_gone_after_close(daemon: gforward.daemon.Daemon,
+                                                  echo_server: str, short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "fwd.sock")
+    fwd = isolated(daemon.url, echo_server,
+                   specs=[f"127.0.0.1:0:{echo_server}", f"{path}:{echo_server}"])
+    helper = fwd.helper_pid
+    try:
+        assert helper != os.getpid() and state(helper) not in ("gone", "Z")
+        tcp, unix = fwd.listeners
+        assert (unix.local, unix.port) == (path, 0) and tcp.port > 0
+        assert echo_once(local_address(tcp), b"over tcp") == b"over tcp"
+        assert echo_once(path, b"over unix") == b"over unix"
+        assert not fwd.closed and fwd.wait(0) is False and not fwd.detached
+    finally:
+        fwd.close()
+    assert fwd.closed and fwd.wait(0) is True
+    assert state(helper) == "gone"  # exited and reaped by close()
+    assert can_bind(tcp.port) and not os.path.exists(path)
+    fwd.close()  # idempotent
+
+
+def test_the_helper_ends_when_the_app_exits_without_closing(
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
+        apps: list[App]) -> None:
+    app = run(apps, "exit", daemon, echo_server, short_tmp)
+    assert app.finish() == 0, (app.out, app.err)
+    assert app.out[-1] == "ok" and app.err == [], (app.out, app.err)
+    assert state(app.helper) == "gone"  # the exit hook closed it and waited for it
+    assert not os.path.exists(app.unix) and can_bind(app.port)
+    assert os.listdir(short_tmp) == []
+
+
+def test_the_helper_ends_when_the_app_is_killed(
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
+        apps: list[App]) -> None:
+    with adopting_orphans():
+        app = run(apps, "kill", daemon, echo_server, short_tmp)
+        app.expect("ready")
+        os.kill(app.popen.pid, signal.SIGKILL)  # the app alone, not its group
+        app.finish()
+        status = reaped(app.helper, GONE_WITHIN)
+    assert status == 0, f"helper {app.helper}: {status} ({state(app.helper)})"
+    assert state(app.helper) == "gone"
+    assert not os.path.exists(app.unix) and can_bind(app.port)
+    assert app.err == []
+
+
+def test_a_forked_child_is_detached_and_the_helper_still_ends_with_the_parent(
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
+        apps: list[App]) -> None:
+    with adopting_orphans():
+        app = run(apps, "fork", daemon, echo_server, short_tmp)
+        child = int(app.expect("child ").split()[1])
+        app.expect("ready")
+        assert app.out[-4] == ("child: detached True, closed True, wait True,"
+                               " close() returned at once True"), app.out
+        assert app.out[-3] == ("child: the parent's forwarder serves after the child's"
+                               " close(): True"), app.out
+        os.kill(app.popen.pid, signal.SIGKILL)
+        app.popen.wait(READ_TIMEOUT)
+        try:
+            status = reaped(app.helper, GONE_WITHIN)
+            child_state = state(child)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            reaped(child, READ_TIMEOUT)
+    assert child_state not in ("gone", "Z")  # the child still lived when the helper ended
+    assert status == 0, f"helper {app.helper}: {status} ({state(app.helper)})"
+    assert not os.path.exists(app.unix) and can_bind(app.port)
+
+
+@pytest.mark.xfail(reason="the helper shares the app's process group and keeps the default "
+                          "SIGINT/SIGTERM handling: a signal to the group (Ctrl-C, a service "
+                          "manager's stop) ends it before the app can drain, and SIGTERM "
+                          "leaves its unix socket files behind", strict=True)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_apps_process_group_is_the_apps_to_handle(
+        sig: signal.Signals, daemon: gforward.daemon.Daemon, echo_server: str,
+        short_tmp: str, apps: list[App]) -> None:
+    app = run(apps, "signal", daemon, echo_server, short_tmp)
+    app.expect("ready")
+    os.killpg(app.popen.pid, sig)  # as a terminal's Ctrl-C, or `kill -TERM -PGID`
+    status = app.finish()
+    assert f"received ['{sig.name}']" in app.out
+    try:
+        assert "after the signal: serves True" in app.out, app.out
+        assert "after the signal: stats total=3" in app.out, app.out
+        assert ("after close(drain=1): helper gone, unix socket file left False"
+                in app.out), app.out
+        assert status == 0 and app.out[-1] == "ok", (app.out, app.err)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(app.unix)  # what the helper left behind
+
+
+@pytest.mark.xfail(reason="in a gevent-patched app the socket pair is non-blocking (gevent "
+                          "sockets), and so is the helper's end: its first read with nothing "
+                          "to read fails (EAGAIN), which it takes for the app's end, and it "
+                          "exits; every call after that fails or hangs (and, once the helper "
+                          "is fixed, close() shutting the channel under the reader greenlet "
+                          "kills it with gevent's cancel_wait_ex)", strict=True)
+def test_an_isolated_forwarder_in_a_patched_app(daemon: gforward.daemon.Daemon,
+                                                echo_server: str, short_tmp: str,
+                                                apps: list[App]) -> None:
+    app = run(apps, "patched", daemon, echo_server, short_tmp)
+    app.finish()
+    assert "stats after 0.5 s: 2" in app.out, (app.out, app.err)
+    assert "serves after 0.5 s: True" in app.out, (app.out, app.err)
+    assert "closed: True" in app.out and app.out[-1] == "ok", (app.out, app.err)
+    assert state(app.helper) == "gone" and app.err == [], app.err
+
+
+@pytest.mark.xfail(reason="IsolatedForwarder.wait() waits on a real lock: in a gevent-patched "
+                          "app it blocks the hub, so the greenlet that would close the "
+                          "forwarder never runs", strict=True)
+def test_wait_in_a_patched_app_lets_other_greenlets_close_it(
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
+        apps: list[App]) -> None:
+    app = run(apps, "patched-wait", daemon, echo_server, short_tmp)
+    app.finish()
+    line = next(line for line in app.out if line.startswith("wait: "))
+    assert line.startswith("wait: True after 0."), (app.out, app.err)
+
+
+# The helper dies under the app ------------------------------------------------------------
+
+
+def reap(pid: int) -> None:
+    """A killed helper close() did not wait for: not left a zombie after the test."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.xfail(reason="once the helper has died, closed is True and close() returns at "
+                          "once, never waiting for the process: a zombie until the app exits",
+                   strict=True)
+def test_close_after_the_helper_died_reaps_it(daemon: gforward.daemon.Daemon) -> None:
+    fwd = isolated(daemon.url)
+    helper = fwd.helper_pid
+    try:
+        os.kill(helper, signal.SIGKILL)
+        assert fwd.wait(GONE_WITHIN) is True and fwd.closed
+        with pytest.raises(gforward.ForwardError):
+            fwd.stats()
+        fwd.close()
+        assert state(helper) == "gone"
+    finally:
+        reap(helper)
+
+
+@pytest.mark.xfail(reason="the helper's death is logged nowhere: its listeners are gone "
+                          "and the app's logger is not told", strict=True)
+def test_the_helpers_death_is_logged(daemon: gforward.daemon.Daemon,
+                                     gflog: pytest.LogCaptureFixture) -> None:
+    fwd = isolated(daemon.url)
+    helper = fwd.helper_pid
+    try:
+        os.kill(helper, signal.SIGKILL)
+        assert fwd.wait(GONE_WITHIN) is True
+        time.sleep(0.2)
+        assert any(str(helper) in m or "helper" in m for m in warnings_of(gflog)), \
+            warnings_of(gflog)
+    finally:
+        fwd.close()
+        reap(helper)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.xfail(reason="a helper that dies with a request unread resets the pair: the "
+                          "channel thread dies of ConnectionResetError, the pending call "
+                          "waits for ever, closed stays False and close() raises "
+                          "BrokenPipeError", strict=True)
+def test_a_call_pending_when_the_helper_dies_fails(daemon: gforward.daemon.Daemon) -> None:
+    fwd = isolated(daemon.url)
+    helper = fwd.helper_pid
+    outcome: list[BaseException | gforward.ForwarderStats] = []
+
+    def call() -> None:
+        try:
+            outcome.append(fwd.stats())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)  # it may never return
+    try:
+        os.kill(helper, signal.SIGSTOP)
+        caller.start()
+        time.sleep(0.3)  # the request waits, unread, in the stopped helper's socket
+        os.kill(helper, signal.SIGKILL)
+        caller.join(GONE_WITHIN)
+        assert outcome and isinstance(outcome[0], gforward.ForwardError), outcome
+        assert fwd.closed
+        fwd.close()
+    finally:
+        with contextlib.suppress(OSError):
+            fwd.close()
+        reap(helper)
+
+
+# Errors at start(): the same as in thread mode, nothing left ------------------------------
+
+
+def start_both(**fields: object) -> dict[str, BaseException]:
+    """start() with `fields` in each isolation: the exception each raised (none may pass),
+    with no helper left behind."""
+    raised: dict[str, BaseException] = {}
+    for isolation in ("thread", "process"):
+        before = children()
+        with pytest.raises(Exception) as info:
+            gforward.start(vm_name="sbox-1", isolation=isolation, **fields)
+        raised[isolation] = info.value
+        assert children() == before, isolation
+    return raised
+
+
+def test_a_taken_port_fails_start_as_in_thread_mode(daemon: gforward.daemon.Daemon,
+                                                     echo_server: str, short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "first.sock")
+    free = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        raised = start_both(base_url=daemon.url, specs=[
+            f"{path}:{echo_server}", f"127.0.0.1:{free}:{echo_server}",
+            f"127.0.0.1:{taken.getsockname()[1]}:{echo_server}"])
+        assert not os.path.exists(path) and can_bind(free)  # nothing left bound
+    thread, process = raised["thread"], raised["process"]
+    assert type(process) is type(thread) is gforward.ForwardError
+    assert (str(process), getattr(process, "cause", None)) == (str(thread), thread.cause)
+
+
+def test_a_bad_spec_fails_start_as_in_thread_mode(daemon: gforward.daemon.Daemon) -> None:
+    raised = start_both(base_url=daemon.url, specs=["127.0.0.1:0:127.0.0.1:9", "nonsense"])
+    assert type(raised["process"]) is type(raised["thread"]) is gforward.SpecError
+    assert str(raised["process"]) == str(raised["thread"])
+
+
+def test_bad_options_fail_start_as_in_thread_mode(daemon: gforward.daemon.Daemon) -> None:
+    raised = start_both(base_url=daemon.url, specs=["127.0.0.1:0:127.0.0.1:9"], dial_timeout=0)
+    assert type(raised["process"]) is type(raised["thread"]) is ValueError
+    assert str(raised["process"]) == str(raised["thread"])
+
+
+def test_an_ssl_context_cannot_cross_to_a_helper(daemon: gforward.daemon.Daemon) -> None:
+    before = children()
+    with pytest.raises(ValueError, match="ssl_context"):
+        gforward.start(base_url="https://127.0.0.1:1", vm_name="v", isolation="process",
+                       specs=["127.0.0.1:0:127.0.0.1:9"],
+                       ssl_context=ssl.create_default_context())
+    assert children() == before
+
+
+# Operations across the boundary --------------------------------------------------------
+
+
+def test_stats_across_the_boundary(daemon: gforward.daemon.Daemon, echo_server: str) -> None:
+    with isolated(daemon.url, echo_server, specs=[f"127.0.0.1:0:{echo_server}",
+                                                   f"127.0.0.1:0:{echo_server}"]) as fwd:
+        first, second = fwd.listeners
+        with connect(first) as a, connect(first) as b:
+            a.sendall(b"x" * 1000)
+            assert read_exact(a, 1000) == b"x" * 1000
+            b.sendall(b"y" * 10)
+            assert read_exact(b, 10) == b"y" * 10
+            during = fwd.stats()
+            assert (during.tunnels_open, during.tunnels_total) == (2, 2)
+            assert (during.bytes_up, during.bytes_down) == (1010, 1010)
+            assert during.listeners[0].listener == first
+            assert (during.listeners[0].tunnels_open, during.listeners[1].tunnels_open) == (2, 0)
+        assert echo_once(local_address(second), b"z" * 5) == b"z" * 5
+        wait_until(lambda: fwd.stats().tunnels_open == 0, WAIT)
+        after = fwd.stats()
+    assert isinstance(after, gforward.ForwarderStats)
+    assert (after.tunnels_total, after.tunnels_failed, after.failures) == (3, 0, {})
+    assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
+
+
+def test_a_refused_tunnel_is_counted_and_logged_in_the_apps_logger(
+        echo_server: str, gflog: pytest.LogCaptureFixture) -> None:
+    with gforward.daemon.start(token="right") as daemon, \
+            isolated(daemon.url, echo_server, token="wrong") as fwd:
+        assert refused(fwd)
+        wait_until(lambda: fwd.stats().tunnels_failed == 1, WAIT)
+        stats = fwd.stats()
+        wait_until(lambda: any("401" in m for m in warnings_of(gflog)), WAIT)
+    assert stats.failures == {"http 401": 1}
+    [warning] = [m for m in warnings_of(gflog) if "401" in m]
+    assert warning.startswith("tunnel 127.0.0.1:") and "failed" in warning
+    assert "wrong" not in warning  # the token stays out of the log, across the boundary too
+    infos = [r.getMessage() for r in gflog.records
+             if r.name == "gforward" and r.levelno == logging.INFO]
+    assert any(m.startswith("listening on 127.0.0.1:") for m in infos)  # logged during start
+
+
+def test_a_logger_of_the_apps_own_gets_the_helpers_records(
+        daemon: gforward.daemon.Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    mine = logging.getLogger("tests.isolated.app")
+    caplog.set_level(logging.WARNING, logger=mine.name)
+    with isolated(daemon.url, f"127.0.0.1:{closed_port()}", logger=mine) as fwd:
+        assert refused(fwd)
+        wait_until(lambda: any(r.name == mine.name for r in caplog.records), WAIT)
+    [record] = [r for r in caplog.records if r.name == mine.name]
+    assert record.levelno == logging.WARNING and "502" in record.getMessage()
+
+
+def test_wait_ready_across_the_boundary(daemon: gforward.daemon.Daemon) -> None:
+    port = free_port()
+    late = socket.socket()
+
+    def listen_later() -> None:
+        time.sleep(0.5)
+        late.bind(("127.0.0.1", port))
+        late.listen(8)
+
+    with isolated(daemon.url, f"127.0.0.1:{port}") as fwd:
+        threading.Thread(target=listen_later, daemon=True).start()
+        try:
+            assert fwd.wait_ready(WAIT) is True
+        finally:
+            late.close()
+    with isolated(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
+        began = time.monotonic()
+        assert fwd.wait_ready(0.5) is False
+        assert time.monotonic() - began < 3.0
+
+
+def test_wait_ready_raises_on_a_refusal_across_the_boundary(echo_server: str) -> None:
+    with gforward.daemon.start(token="right") as daemon, \
+            isolated(daemon.url, echo_server, token="wrong") as fwd, \
+            pytest.raises(gforward.ForwardError, match="401") as info:
+        fwd.wait_ready(WAIT)
+    assert fwd.listeners[0].local in str(info.value)
+
+
+@pytest.mark.xfail(reason="close() answers, then shuts the channel before the helper sends "
+                          "wait_ready's answer: the waiter gets 'the gforward helper is gone' "
+                          "(ForwardError) where thread mode returns False", strict=True)
+def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon) -> None:
+    with isolated(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
+        threading.Timer(0.5, fwd.close).start()
+        assert fwd.wait_ready(WAIT) is False
+
+
+def test_listeners_added_and_removed_across_the_boundary(
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "added.sock")
+    with isolated(daemon.url, echo_server) as fwd:
+        first = fwd.listeners[0]
+        tcp = fwd.add(f"127.0.0.1:0:{echo_server}")
+        unix = fwd.add(f"{path}:{echo_server}")
+        assert fwd.listeners == [first, tcp, unix]
+        assert echo_once(local_address(tcp), b"tcp") == b"tcp"
+        assert echo_once(path, b"unix") == b"unix"
+        fwd.remove(tcp)
+        fwd.remove(unix.spec)
+        assert fwd.listeners == [first]
+        assert can_bind(tcp.port) and not os.path.exists(path)
+        with pytest.raises(KeyError):
+            fwd.remove(tcp)
+        with pytest.raises(gforward.ForwardError, match="cannot listen"):
+            fwd.add(f"127.0.0.1:{first.port}:{echo_server}")
+        with pytest.raises(gforward.SpecError):
+            fwd.add("not a spec")
+        assert fwd.listeners == [first]
+        stats = fwd.stats()
+    assert stats.tunnels_total == 2  # totals keep what removed listeners carried
+    assert [s.listener for s in stats.listeners] == [first]
+
+
+def test_a_drain_across_the_boundary(daemon: gforward.daemon.Daemon) -> None:
+    with Guest(slow_reply(1.0)) as guest, isolated(daemon.url, guest.target) as fwd:
+        port = fwd.listeners[0].port
+        with connect(fwd) as sock:
+            ask(sock, lambda: fwd.stats().tunnels_open)
+            closer = threading.Thread(target=fwd.close, kwargs={"drain": 10.0})
+            began = time.monotonic()
+            closer.start()
+            wait_until(lambda: can_bind(port), WAIT)  # no longer accepting
+            assert read_to_eof(sock) == b"reply to question"
+            closer.join(WAIT)
+    assert not closer.is_alive() and fwd.closed
+    assert time.monotonic() - began < 10.0
+    assert state(fwd.helper_pid) == "gone"
+
+
+def test_a_plain_close_cuts_a_drain_across_the_boundary(
+        daemon: gforward.daemon.Daemon) -> None:
+    done = threading.Event()
+    with Guest(slow_reply(60.0, done)) as guest, isolated(daemon.url, guest.target) as fwd:
+        try:
+            with connect(fwd) as sock:
+                ask(sock, lambda: fwd.stats().tunnels_open)
+                draining = threading.Thread(target=fwd.close, kwargs={"drain": 60.0})
+                draining.start()
+                time.sleep(0.3)
+                began = time.monotonic()
+                fwd.close()
+                took = time.monotonic() - began
+                draining.join(WAIT)
+                assert read_to_eof(sock) == b""
+        finally:
+            done.set()
+    assert took < 3.0 and not draining.is_alive()
