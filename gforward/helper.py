@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -36,6 +37,8 @@ RELAY_QUEUE = 10_000  # log records waiting for the app at most
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the app's to handle: we end when it lets go
     channel = socket.socket(fileno=int(args[0]))
     channel.setblocking(True)  # a gevent-patched app hands it over non-blocking
     lines = channel.makefile("rb")
@@ -79,9 +82,11 @@ def _answer(fwd: Forwarder, request: dict[str, Any], send: Send) -> None:
         else:
             raise ForwardError(f"no such request {op!r}")
     except Exception as exc:  # every request gets an answer, or its caller waits for ever
-        send({"id": request["id"], "error": error_fields(exc)})
-        return
-    send({"id": request["id"], "result": result})
+        answer = {"id": request["id"], "error": error_fields(exc)}
+    else:
+        answer = {"id": request["id"], "result": result}
+    with contextlib.suppress(OSError):  # the app closed meanwhile: it needs no answer
+        send(answer)
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:

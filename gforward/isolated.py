@@ -130,12 +130,13 @@ class IsolatedForwarder(Forwarder):
             raise
 
     def close(self, drain: float = 0.0) -> None:
-        if self._detached or self.closed:
+        if self._detached:
             return
-        with contextlib.suppress(ForwardError):  # the helper is gone: nothing left to close
-            self._call("close", drain=drain)
-            self._final = self.stats()  # what stats() says from now on
-        self._stop()
+        if not self.closed:
+            with contextlib.suppress(ForwardError):  # the helper is gone: nothing to close
+                self._call("close", drain=drain)
+                self._final = self.stats()  # what stats() says from now on
+        self._stop()  # also reaps a helper that died on its own
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._detached or self._closed_event.wait(timeout)
