@@ -32,6 +32,26 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
 
 
+def _reading(watcher: Any, on: bool, callback: Callable[[], None], want: bool) -> bool:
+    """A read watcher started or stopped as wanted; whether it now runs."""
+    if want != on:
+        if want:
+            watcher.start(callback)
+        else:
+            watcher.stop()
+    return want
+
+
+def _retransmitting(sock: socket.socket) -> bool:
+    """Whether TCP is retransmitting to a peer that acknowledges nothing (TCP_INFO's
+    tcpi_retransmits, Linux): a peer gone, as opposed to one that is merely slow."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):  # a unix socket; no TCP_INFO here
+        return False
+    return len(info) > 2 and info[2] > 0
+
+
 def _unsent(sock: socket.socket) -> int:
     """Bytes the kernel still holds for the peer (SIOCOUTQ, Linux): a peer that leaves
     them there is held back by flow control, and would not see a Ping behind them."""
@@ -100,51 +120,54 @@ class Pump:
     # Callbacks, in the hub ----------------------------------------------------
 
     def _plain_readable(self) -> None:
-        tunnel = self.tunnel
+        self._read(self._take_plain, self._plain_failed, lends_to_ws=True)
+
+    def _ws_readable(self) -> None:
+        self._read(self._take_ws, self._ws_failed, lends_to_ws=False)
+
+    def _read(self, take: Callable[[bytearray], None], failed: Callable[[OSError], None], *,
+              lends_to_ws: bool) -> None:
+        """One read into a pooled buffer, from either side: `take` reads and feeds the
+        tunnel, `failed` hears of a socket error.  The buffer stays out of the pool while
+        the queue it fed may still point into it."""
         buf = take_buffer()
         try:
-            count = self._plain.recv_into(buf, CHUNK)
-            if count:
-                tunnel.plain_data(memoryview(buf)[:count])
-                mine, everyone = self._counts
-                mine.up += count
-                everyone.up += count
-            else:
-                tunnel.plain_eof()
+            take(buf)
         except BlockingIOError:
             give_buffer(buf)
             return
-        except OSError as exc:
-            tunnel.error(f"local side: {describe(exc)}")
+        except OSError as exc:  # ssl.SSLError included
+            failed(exc)
         except Exception as exc:  # a bug: end this tunnel, not the hub
             self._crash(exc)
             give_buffer(buf)
             return
         self._after()
-        if tunnel.to_ws and self._on_end is not None:
-            self._plain_buf = buf  # back to the pool once to_ws is sent
+        tunnel = self.tunnel
+        if (tunnel.to_ws if lends_to_ws else tunnel.to_plain) and self._on_end is not None:
+            if lends_to_ws:  # back to the pool once that queue is sent
+                self._plain_buf = buf
+            else:
+                self._ws_buf = buf
         else:
             give_buffer(buf)
 
-    def _ws_readable(self) -> None:
-        tunnel = self.tunnel
-        buf = take_buffer()
-        try:
-            self._take_ws(buf)
-        except BlockingIOError:
-            give_buffer(buf)
-            return
-        except OSError as exc:  # ssl.SSLError included
-            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
-        except Exception as exc:
-            self._crash(exc)
-            give_buffer(buf)
-            return
-        self._after()
-        if tunnel.to_plain and self._on_end is not None:
-            self._ws_buf = buf  # back to the pool once to_plain is sent
+    def _take_plain(self, buf: bytearray) -> None:
+        """Read what the local side has into `buf`, and give it to the tunnel."""
+        count = self._plain.recv_into(buf, CHUNK)
+        if count:
+            self.tunnel.plain_data(memoryview(buf)[:count])
+            mine, everyone = self._counts
+            mine.up += count
+            everyone.up += count
         else:
-            give_buffer(buf)
+            self.tunnel.plain_eof()
+
+    def _plain_failed(self, exc: OSError) -> None:
+        self.tunnel.error(f"local side: {describe(exc)}")
+
+    def _ws_failed(self, exc: OSError) -> None:
+        self.tunnel.ws_lost(f"WebSocket: {describe(exc)}")
 
     def _take_ws(self, buf: bytearray) -> None:
         """Read what the WebSocket has into `buf`, and give it to the tunnel."""
@@ -177,8 +200,10 @@ class Pump:
         tunnel = self.tunnel
         try:
             backlog = self._ws_backlog()
-            held = bool(tunnel.to_plain or tunnel.to_ws or backlog or _unsent(self._ws))
-            deadline = tunnel.timer(_monotonic(), held=held, backlog=backlog)
+            acking = not _retransmitting(self._ws)
+            held = acking and bool(tunnel.to_plain or tunnel.to_ws or backlog
+                                   or _unsent(self._ws))
+            deadline = tunnel.timer(_monotonic(), held=held, acking=acking, backlog=backlog)
             if deadline is not None:
                 self._timer = self._loop.timer(max(deadline - _monotonic(), 0.0))
                 self._timer.start(self._timer_fired)
@@ -220,24 +245,13 @@ class Pump:
             try:
                 self._plain.shutdown(socket.SHUT_WR)
             except OSError as exc:
-                tunnel.error(f"local side: {describe(exc)}")
+                self._plain_failed(exc)
         if tunnel.outcome or (tunnel.finished and self._ws_w is None):
             self._finish()
             return
-        want = tunnel.reading_plain and not tunnel.to_ws and self._ws_w is None
-        if want != self._plain_on:
-            self._plain_on = want
-            if want:
-                self._plain_r.start(self._plain_readable)
-            else:
-                self._plain_r.stop()
-        want = tunnel.reading_ws
-        if want != self._ws_on:
-            self._ws_on = want
-            if want:
-                self._ws_r.start(self._ws_readable)
-            else:
-                self._ws_r.stop()
+        self._plain_on = _reading(self._plain_r, self._plain_on, self._plain_readable,
+                                  tunnel.reading_plain and not tunnel.to_ws and self._ws_w is None)
+        self._ws_on = _reading(self._ws_r, self._ws_on, self._ws_readable, tunnel.reading_ws)
 
     # Writing ----------------------------------------------------------------------
 
@@ -246,7 +260,7 @@ class Pump:
         try:
             send_queue(self._plain, out)
         except OSError as exc:
-            self.tunnel.error(f"local side: {describe(exc)}")
+            self._plain_failed(exc)
             return
         if out:
             self._plain_w = self._wait_writable(self._plain, self._plain_writable)
@@ -259,7 +273,7 @@ class Pump:
         try:
             send_queue(self._ws, tunnel.to_ws)
         except OSError as exc:
-            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
+            self._ws_failed(exc)
             return
         if tunnel.to_ws:
             self._ws_w = self._wait_writable(self._ws, self._ws_writable)

@@ -22,7 +22,7 @@ from .proto.frames import Buffer
 from .proto.records import Counters
 from .proto.tunnel import Tunnel
 from .pump import Pump
-from .queues import BUFFER, CHUNK, describe, raw
+from .queues import BUFFER, CHUNK, raw
 
 RECV_SIZE = 64 * 1024
 
@@ -173,7 +173,7 @@ class TLSPump(Pump):
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            tunnel.ws_lost(f"WebSocket: {describe(exc)}")
+            self._ws_failed(exc)
             return
         self._cipher = memoryview(self._cipher)[sent:] if sent < len(self._cipher) else b""
         if self._cipher or tunnel.to_ws:

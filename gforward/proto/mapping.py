@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import SpecError
@@ -105,23 +107,19 @@ def resolve_local_path(text: str) -> str:
 
 def parse_address_mapping(spec: str) -> AddressMapping:
     """Parse one spec; every error is a :class:`SpecError` quoting ``spec``."""
-    try:
+    with _quoting("spec", spec):
         return _parse(spec)
-    except ValueError as exc:
-        raise SpecError(f"invalid spec {spec!r}: {exc}") from None
 
 
 def parse_remote_target(target: str) -> AddressMapping:
     """The inverse of remote_target(), for the daemon: "host:port", "[v6]:port", "unix:/path"."""
     mapping = AddressMapping(raw_spec=target)
-    try:
+    with _quoting("upstream", target):
         if target.startswith("unix:/"):
             mapping.remote_unix_path = _remote_path(target[len("unix:") :])
         else:
             mapping.remote_host, mapping.remote_port = _host_port(
                 target, "remote", 1, "expected HOST:PORT or unix:/PATH")
-    except ValueError as exc:
-        raise SpecError(f"invalid upstream {target!r}: {exc}") from None
     return mapping
 
 
@@ -129,12 +127,19 @@ def parse_listen_address(text: str) -> AddressMapping:
     """A listen side alone, HOST:PORT or [V6]:PORT (port 0: any free one), for the
     reference daemon's --listen; SpecError otherwise."""
     mapping = AddressMapping(raw_spec=text)
-    try:
+    with _quoting("listen address", text):
         mapping.listen_addr, mapping.listen_port = _host_port(
             text, "listen", 0, "expected HOST:PORT (--unix for paths)")
-    except ValueError as exc:
-        raise SpecError(f"invalid listen address {text!r}: {exc}") from None
     return mapping
+
+
+@contextmanager
+def _quoting(what: str, text: str) -> Iterator[None]:
+    """A ValueError inside becomes a SpecError that quotes `text` as a `what`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise SpecError(f"invalid {what} {text!r}: {exc}") from None
 
 
 def _host_port(text: str, side: str, minimum: int, shape: str) -> tuple[str, int]:

@@ -52,7 +52,8 @@ class Tunnel:
     """The state of one tunnel; see the module's docstring."""
 
     __slots__ = ("_close_received", "_close_sent", "_closing_at", "_heard_at", "_mask",
-                 "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_waiting_pong",
+                 "_ping_at", "_ping_interval", "_ping_timeout", "_reader", "_sent_since_heard",
+                 "_waiting_pong",
                  "_ws_gone", "cause", "failed", "outcome", "reading_plain", "sent", "shut_plain",
                  "to_plain", "to_ws")
 
@@ -77,12 +78,14 @@ class Tunnel:
         self._closing_at: float | None = None  # when the timer first saw our answer wait
         self._ws_gone = False  # the peer hung up after its Close
         self._waiting_pong: bytes | None = None  # the header of the last Pong queued
+        self._sent_since_heard = False  # data went to the peer after it last spoke
 
     # What the driver reports ------------------------------------------------
 
     def plain_data(self, data: Buffer) -> None:
         """Bytes read from plain: one binary frame."""
         self.sent += len(data)
+        self._sent_since_heard = True
         self.to_ws += frames.frame_parts(OP_BINARY, data, mask=self._mask)
 
     def plain_eof(self) -> None:
@@ -94,6 +97,7 @@ class Tunnel:
         """Bytes read from the WebSocket: payloads for plain, control frames acted on.
         Returns how many payload bytes went onto to_plain."""
         self._heard_at = now
+        self._sent_since_heard = False
         before = self._reader.received
         try:
             controls = self._reader.feed(data, self.to_plain)
@@ -131,10 +135,16 @@ class Tunnel:
         self._queue_close(frames.CLOSE_GOING_AWAY, "")
         self._end(reason)
 
-    def timer(self, now: float, *, held: bool, backlog: bool = False) -> float | None:
-        """Keepalive; returns when to call again (None: no more).  `held` says the driver
-        waits on flow control, a side that reads slowly, which proves nothing; `backlog`
-        that it holds bytes for the WebSocket below to_ws (TLS records)."""
+    def timer(self, now: float, *, held: bool, acking: bool = True,
+              backlog: bool = False) -> float | None:
+        """Keepalive; returns when to call again (None: no more).
+
+        `held` says the driver waits on flow control, a side that reads slowly, which
+        proves nothing.  Nor does a silent peer that we sent data since it last spoke:
+        it may be working through it (a guest reading slowly), and a Ping would wait
+        behind it; unless `acking` is False, the peer's host no longer acknowledging
+        what TCP sends it.  `backlog`: the driver holds bytes for the WebSocket below
+        to_ws (TLS records)."""
         if self.outcome or not self._ping_interval:
             return None
         if self._close_received:  # our answer must get out within ping_timeout
@@ -146,7 +156,7 @@ class Tunnel:
                 self.ws_lost(f"peer took no Close answer within {self._ping_timeout:g} s")
                 return None
             return self._closing_at + self._ping_timeout
-        if held:
+        if held or (acking and self._sent_since_heard):
             self._heard_at, self._ping_at = now, None
             return now + self._ping_interval
         if self._ping_at is not None and self._heard_at < self._ping_at:

@@ -291,3 +291,27 @@ def test_no_keepalive_when_off() -> None:
     tunnel = Tunnel(client=True)
     assert tunnel.timer(1e9, held=False) is None
     assert tunnel.to_ws == []
+
+
+def test_a_peer_still_taking_our_data_is_not_judged_silent() -> None:
+    """We sent data since it last spoke: a slow guest may keep it busy however long, and a
+    Ping would wait behind that data, so no Ping is due."""
+    tunnel = keepalive()
+    tunnel.plain_data(b"upload")
+    sent_frames(tunnel)
+    for now in range(30, 100000, 30):
+        assert tunnel.timer(float(now), held=False) == now + INTERVAL
+    assert not tunnel.outcome and tunnel.to_ws == []
+    tunnel.ws_data(peer_frame(OP_BINARY, b"done"), 100000.0)  # it spoke: judged again
+    delivered(tunnel)
+    tunnel.timer(100000.0 + INTERVAL, held=False)
+    assert sent_frames(tunnel) == [(Opcode.PING, b"")]
+
+
+def test_a_peer_whose_host_acknowledges_nothing_is_judged() -> None:
+    tunnel = keepalive()
+    tunnel.plain_data(b"upload")
+    sent_frames(tunnel)
+    assert tunnel.timer(INTERVAL, held=False, acking=False) == INTERVAL + TIMEOUT
+    assert tunnel.timer(INTERVAL + TIMEOUT, held=False, acking=False) is None
+    assert tunnel.cause == "keepalive"
