@@ -111,7 +111,7 @@ def start_cost(command: dict[str, Any], timeout: float) -> dict[str, Any]:
         loadgen.echo_hello(sock)
     time.sleep(command["settle"])
     app_kib = procfs.rss_kib(pid)
-    helper_kib = procfs.tree_rss_kib(pid) - app_kib
+    helper_kib = procfs.tree_rss_kib(pid, itself=False)  # read apart: the app's RSS moves
     closes = [close(fwd)]
     later = []
     for _ in range(command["repeat"]):

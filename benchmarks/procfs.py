@@ -76,9 +76,10 @@ def rss_kib(pid: int) -> int:
     return memory_kib(pid)["VmRSS"]
 
 
-def tree_rss_kib(pid: int) -> int:
+def tree_rss_kib(pid: int, *, itself: bool = True) -> int:
+    """RSS of a process tree; without the root when not `itself` (its helpers alone)."""
     total = 0
-    for member in descendants(pid):
+    for member in descendants(pid)[0 if itself else 1:]:
         with contextlib.suppress(OSError):
             total += rss_kib(member)
     return total

@@ -36,6 +36,7 @@ from gforward.isolated import IsolatedForwarder
 from tests.peers.guest import Guest
 from tests.peers.programs import READ_TIMEOUT, clean_env
 from tests.support import (
+    ask,
     can_bind,
     closed_port,
     connect,
@@ -46,11 +47,11 @@ from tests.support import (
     read_exact,
     read_to_eof,
     refused,
+    slow_reply,
     wait_until,
     warnings_of,
     watch_end,
 )
-from tests.test_operations import ask, slow_reply
 
 APPS = Path(__file__).parent / "apps"
 WAIT = 15.0
@@ -566,3 +567,45 @@ def test_a_plain_close_cuts_a_drain_across_the_boundary(
         finally:
             done.set()
     assert took < 3.0 and not draining.is_alive()
+
+
+# Which Python runs the helper ---------------------------------------------------------------
+
+HELPER_PYTHON = """
+import sys, gforward
+{setup}
+fwd = gforward.start(base_url="http://127.0.0.1:9", vm_name="v",
+                     specs=["127.0.0.1:0:127.0.0.1:9"], isolation="process")
+print(open(f"/proc/{{fwd.helper_pid}}/cmdline", "rb").read().split(b"\\0")[0].decode())
+fwd.close()
+"""
+
+
+def run_helper_python(setup: str, **env: str) -> str:
+    """The interpreter an app's helper ran in, as the app saw it."""
+    result = subprocess.run([sys.executable, "-c", HELPER_PYTHON.format(setup=setup)],
+                            capture_output=True, text=True, timeout=30, check=False,
+                            env=clean_env(**env), cwd=str(APPS.parent.parent))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_helper_runs_in_the_apps_own_python() -> None:
+    assert run_helper_python("") == sys.executable
+
+
+def test_under_an_embedding_program_the_helper_finds_a_python() -> None:
+    """uWSGI and embedding programs are not Python: the base installation's python3.X
+    runs the helper, with the app's import path (gevent found where the app found it)."""
+    base = os.path.join(sys.base_exec_prefix, "bin",
+                        f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    if not os.access(base, os.X_OK):
+        pytest.skip(f"this installation has no {base}")
+    assert run_helper_python("sys.executable = '/usr/bin/uwsgi'") == base
+
+
+def test_gforward_python_names_the_helpers_interpreter(tmp_path: Path) -> None:
+    chosen = tmp_path / "python-for-gforward"
+    chosen.symlink_to(sys.executable)
+    got = run_helper_python("sys.executable = '/usr/bin/uwsgi'", GFORWARD_PYTHON=str(chosen))
+    assert got == str(chosen)

@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable
 
 import pytest
 
@@ -19,6 +18,7 @@ from tests.peers.guest import Guest
 from tests.peers.programs import Program, Programs
 from tests.support import (
     announced_listeners,
+    ask,
     blackhole,
     can_bind,
     closed_port,
@@ -31,6 +31,7 @@ from tests.support import (
     read_exact,
     read_to_eof,
     refused,
+    slow_reply,
     wait_until,
     watch_end,
 )
@@ -105,28 +106,6 @@ def test_counters_never_go_backwards_while_tunnels_come_and_go(
 
 
 # A draining close ------------------------------------------------------------------------
-
-
-NEVER = threading.Event()  # set by no one: a guest that waits on it never answers
-
-
-def slow_reply(delay: float, done: threading.Event = NEVER) -> Callable[[socket.socket], None]:
-    """A guest that reads the request to its end, thinks `delay` seconds (or until `done`,
-    so that a test that cuts the tunnel need not wait for it), and answers."""
-    def handler(sock: socket.socket) -> None:
-        request = read_to_eof(sock)
-        if not done.wait(delay):
-            sock.sendall(b"reply to " + request)
-
-    return handler
-
-
-def ask(sock: socket.socket, tunnels_open: Callable[[], int]) -> None:
-    """Send a slow guest the whole request (b"question", then EOF) and wait until its
-    tunnel is open (`tunnels_open()` is 1)."""
-    sock.sendall(b"question")
-    sock.shutdown(socket.SHUT_WR)
-    wait_until(lambda: tunnels_open() == 1, WAIT)
 
 
 @pytest.fixture
