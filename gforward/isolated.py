@@ -117,8 +117,14 @@ class IsolatedForwarder(Forwarder):
         found = [ln for ln in self._listeners if ln == what or ln.spec == what][:1]
         if not found:
             raise KeyError(what)
-        if not self.closed:  # once closed, as in thread mode: nothing is left to stop
-            self._call("remove", listener=asdict(found[0]), drain=drain)
+        try:
+            if not self.closed:  # once closed, as in thread mode: nothing is left to stop
+                self._call("remove", listener=asdict(found[0]), drain=drain)
+        except ForwardError:
+            if not (self._letting_go or self.closed):
+                raise
+            # a close() meanwhile ended the listener with everything else, as in thread mode
+        with contextlib.suppress(ValueError):  # two removes of one listener at once
             self._listeners.remove(found[0])
 
     def wait_ready(self, timeout: float | None = None) -> bool:

@@ -33,24 +33,17 @@ import pytest
 import gforward
 import gforward.daemon
 from gforward.isolated import IsolatedForwarder
-from tests.peers.guest import Guest
 from tests.peers.programs import READ_TIMEOUT, clean_env
 from tests.support import (
-    ask,
     can_bind,
     closed_port,
-    connect,
     echo_once,
     forward,
     free_port,
     local_address,
-    read_exact,
-    read_to_eof,
     refused,
-    slow_reply,
     wait_until,
     warnings_of,
-    watch_end,
 )
 
 APPS = Path(__file__).parent / "apps"
@@ -419,29 +412,7 @@ def test_an_ssl_context_cannot_cross_to_a_helper(daemon: gforward.daemon.Daemon)
     assert children() == before
 
 
-# Operations across the boundary --------------------------------------------------------
-
-
-def test_stats_across_the_boundary(daemon: gforward.daemon.Daemon, echo_server: str) -> None:
-    with isolated(daemon.url, echo_server, specs=[f"127.0.0.1:0:{echo_server}",
-                                                   f"127.0.0.1:0:{echo_server}"]) as fwd:
-        first, second = fwd.listeners
-        with connect(first) as a, connect(first) as b:
-            a.sendall(b"x" * 1000)
-            assert read_exact(a, 1000) == b"x" * 1000
-            b.sendall(b"y" * 10)
-            assert read_exact(b, 10) == b"y" * 10
-            during = fwd.stats()
-            assert (during.tunnels_open, during.tunnels_total) == (2, 2)
-            assert (during.bytes_up, during.bytes_down) == (1010, 1010)
-            assert during.listeners[0].listener == first
-            assert (during.listeners[0].tunnels_open, during.listeners[1].tunnels_open) == (2, 0)
-        assert echo_once(local_address(second), b"z" * 5) == b"z" * 5
-        wait_until(lambda: fwd.stats().tunnels_open == 0, WAIT)
-        after = fwd.stats()
-    assert isinstance(after, gforward.ForwarderStats)
-    assert (after.tunnels_total, after.tunnels_failed, after.failures) == (3, 0, {})
-    assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
+# Logging across the boundary (every operation: tests/test_operations.py, in both modes) --
 
 
 def test_a_refused_tunnel_is_counted_and_logged_in_the_apps_logger(
@@ -470,103 +441,6 @@ def test_a_logger_of_the_apps_own_gets_the_helpers_records(
         wait_until(lambda: any(r.name == mine.name for r in caplog.records), WAIT)
     [record] = [r for r in caplog.records if r.name == mine.name]
     assert record.levelno == logging.WARNING and "502" in record.getMessage()
-
-
-def test_wait_ready_across_the_boundary(daemon: gforward.daemon.Daemon) -> None:
-    port = free_port()
-    late = socket.socket()
-
-    def listen_later() -> None:
-        time.sleep(0.5)
-        late.bind(("127.0.0.1", port))
-        late.listen(8)
-
-    with isolated(daemon.url, f"127.0.0.1:{port}") as fwd:
-        threading.Thread(target=listen_later, daemon=True).start()
-        try:
-            assert fwd.wait_ready(WAIT) is True
-        finally:
-            late.close()
-    with isolated(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
-        began = time.monotonic()
-        assert fwd.wait_ready(0.5) is False
-        assert time.monotonic() - began < 3.0
-
-
-def test_wait_ready_raises_on_a_refusal_across_the_boundary(echo_server: str) -> None:
-    with gforward.daemon.start(token="right") as daemon, \
-            isolated(daemon.url, echo_server, token="wrong") as fwd, \
-            pytest.raises(gforward.ForwardError, match="401") as info:
-        fwd.wait_ready(WAIT)
-    assert fwd.listeners[0].local in str(info.value)
-
-
-def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon) -> None:
-    with isolated(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
-        threading.Timer(0.5, fwd.close).start()
-        assert fwd.wait_ready(WAIT) is False
-
-
-def test_listeners_added_and_removed_across_the_boundary(
-        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str) -> None:
-    path = os.path.join(short_tmp, "added.sock")
-    with isolated(daemon.url, echo_server) as fwd:
-        first = fwd.listeners[0]
-        tcp = fwd.add(f"127.0.0.1:0:{echo_server}")
-        unix = fwd.add(f"{path}:{echo_server}")
-        assert fwd.listeners == [first, tcp, unix]
-        assert echo_once(local_address(tcp), b"tcp") == b"tcp"
-        assert echo_once(path, b"unix") == b"unix"
-        fwd.remove(tcp)
-        fwd.remove(unix.spec)
-        assert fwd.listeners == [first]
-        assert can_bind(tcp.port) and not os.path.exists(path)
-        with pytest.raises(KeyError):
-            fwd.remove(tcp)
-        with pytest.raises(gforward.ForwardError, match="cannot listen"):
-            fwd.add(f"127.0.0.1:{first.port}:{echo_server}")
-        with pytest.raises(gforward.SpecError):
-            fwd.add("not a spec")
-        assert fwd.listeners == [first]
-        stats = fwd.stats()
-    assert stats.tunnels_total == 2  # totals keep what removed listeners carried
-    assert [s.listener for s in stats.listeners] == [first]
-
-
-def test_a_drain_across_the_boundary(daemon: gforward.daemon.Daemon) -> None:
-    with Guest(slow_reply(1.0)) as guest, isolated(daemon.url, guest.target) as fwd:
-        port = fwd.listeners[0].port
-        with connect(fwd) as sock:
-            ask(sock, lambda: fwd.stats().tunnels_open)
-            closer = threading.Thread(target=fwd.close, kwargs={"drain": 10.0})
-            began = time.monotonic()
-            closer.start()
-            wait_until(lambda: can_bind(port), WAIT)  # no longer accepting
-            assert read_to_eof(sock) == b"reply to question"
-            closer.join(WAIT)
-    assert not closer.is_alive() and fwd.closed
-    assert time.monotonic() - began < 10.0
-    assert state(fwd.helper_pid) == "gone"
-
-
-def test_a_plain_close_cuts_a_drain_across_the_boundary(
-        daemon: gforward.daemon.Daemon) -> None:
-    done = threading.Event()
-    with Guest(slow_reply(60.0, done)) as guest, isolated(daemon.url, guest.target) as fwd:
-        try:
-            with connect(fwd) as sock:
-                ask(sock, lambda: fwd.stats().tunnels_open)
-                draining = threading.Thread(target=fwd.close, kwargs={"drain": 60.0})
-                draining.start()
-                time.sleep(0.3)
-                began = time.monotonic()
-                fwd.close()
-                took = time.monotonic() - began
-                draining.join(WAIT)
-                assert watch_end(sock).seen == "reset"  # cut short, as in thread mode
-        finally:
-            done.set()
-    assert took < 3.0 and not draining.is_alive()
 
 
 # Which Python runs the helper ---------------------------------------------------------------

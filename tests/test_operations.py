@@ -40,6 +40,14 @@ WAIT = 15.0
 TOKEN_SECRET = "t0ken-n3ver-sh0wn-5e1f"
 
 
+@pytest.fixture(params=["thread", "process"])
+def isolation(request: pytest.FixtureRequest) -> str:
+    """Each operation, with the tunnels in this process and in a helper process: the
+    same API, the same answers."""
+    mode: str = request.param
+    return mode
+
+
 def stats_of(fwd: gforward.Forwarder, index: int = 0) -> gforward.ListenerStats:
     return fwd.stats().listeners[index]
 
@@ -48,9 +56,10 @@ def stats_of(fwd: gforward.Forwarder, index: int = 0) -> gforward.ListenerStats:
 
 
 def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
-                                                 echo_server: str) -> None:
+                                                 echo_server: str, isolation: str) -> None:
     with forward(daemon.url, echo_server, specs=[f"127.0.0.1:0:{echo_server}",
-                                                 f"127.0.0.1:0:{echo_server}"]) as fwd:
+                                                 f"127.0.0.1:0:{echo_server}"],
+                 isolation=isolation) as fwd:
         first, second = fwd.listeners
         with connect(first) as a, connect(first) as b:
             a.sendall(b"x" * 1000)
@@ -70,9 +79,9 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
     assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
 
 
-def test_a_refused_upgrade_is_counted_under_its_status(echo_server: str) -> None:
+def test_a_refused_upgrade_is_counted_under_its_status(echo_server: str, isolation: str) -> None:
     with gforward.daemon.start(token="right") as daemon, \
-            forward(daemon.url, echo_server, token="wrong") as fwd:
+            forward(daemon.url, echo_server, token="wrong", isolation=isolation) as fwd:
         assert refused(fwd)
         assert refused(fwd)
         wait_until(lambda: fwd.stats().tunnels_failed == 2, WAIT)
@@ -83,7 +92,7 @@ def test_a_refused_upgrade_is_counted_under_its_status(echo_server: str) -> None
 
 
 def test_counters_never_go_backwards_while_tunnels_come_and_go(
-        daemon: gforward.daemon.Daemon, echo_server: str) -> None:
+        daemon: gforward.daemon.Daemon, echo_server: str, isolation: str) -> None:
     stop = threading.Event()
     seen: list[gforward.ForwarderStats] = []
 
@@ -91,7 +100,7 @@ def test_counters_never_go_backwards_while_tunnels_come_and_go(
         while not stop.wait(0.001):
             seen.append(fwd.stats())
 
-    with forward(daemon.url, echo_server) as fwd:
+    with forward(daemon.url, echo_server, isolation=isolation) as fwd:
         watcher = threading.Thread(target=watch, args=(fwd,))
         watcher.start()
         try:
@@ -120,8 +129,9 @@ def thinker() -> Iterator[Guest]:
 
 
 def test_a_drain_lets_a_slow_reply_finish_and_refuses_newcomers(
-        daemon: gforward.daemon.Daemon, gflog: pytest.LogCaptureFixture) -> None:
-    with Guest(slow_reply(1.5)) as guest, forward(daemon.url, guest.target) as fwd:
+        daemon: gforward.daemon.Daemon, gflog: pytest.LogCaptureFixture, isolation: str) -> None:
+    with Guest(slow_reply(1.5)) as guest, \
+            forward(daemon.url, guest.target, isolation=isolation) as fwd:
         port = fwd.listeners[0].port
         with connect(fwd) as sock:
             ask(sock, lambda: fwd.stats().tunnels_open)
@@ -142,8 +152,8 @@ def test_a_drain_lets_a_slow_reply_finish_and_refuses_newcomers(
 
 
 def test_a_drain_cuts_what_is_left_at_its_deadline(daemon: gforward.daemon.Daemon,
-                                                   thinker: Guest) -> None:
-    with forward(daemon.url, thinker.target) as fwd, connect(fwd) as sock:
+                                                   thinker: Guest, isolation: str) -> None:
+    with forward(daemon.url, thinker.target, isolation=isolation) as fwd, connect(fwd) as sock:
         ask(sock, lambda: fwd.stats().tunnels_open)
         began = time.monotonic()
         fwd.close(drain=1.0)
@@ -154,8 +164,8 @@ def test_a_drain_cuts_what_is_left_at_its_deadline(daemon: gforward.daemon.Daemo
 
 
 def test_a_plain_close_during_a_drain_cuts_at_once(daemon: gforward.daemon.Daemon,
-                                                   thinker: Guest) -> None:
-    with forward(daemon.url, thinker.target) as fwd, connect(fwd) as sock:
+                                                   thinker: Guest, isolation: str) -> None:
+    with forward(daemon.url, thinker.target, isolation=isolation) as fwd, connect(fwd) as sock:
         ask(sock, lambda: fwd.stats().tunnels_open)
         draining = threading.Thread(target=fwd.close, kwargs={"drain": 60.0})
         draining.start()
@@ -171,7 +181,8 @@ def test_a_plain_close_during_a_drain_cuts_at_once(daemon: gforward.daemon.Daemo
 # wait_ready ------------------------------------------------------------------------------
 
 
-def test_wait_ready_returns_once_the_guest_port_listens(daemon: gforward.daemon.Daemon) -> None:
+def test_wait_ready_returns_once_the_guest_port_listens(daemon: gforward.daemon.Daemon,
+                                                        isolation: str) -> None:
     port = free_port()
     late = socket.socket()
 
@@ -180,7 +191,7 @@ def test_wait_ready_returns_once_the_guest_port_listens(daemon: gforward.daemon.
         late.bind(("127.0.0.1", port))
         late.listen(8)
 
-    with forward(daemon.url, f"127.0.0.1:{port}") as fwd:
+    with forward(daemon.url, f"127.0.0.1:{port}", isolation=isolation) as fwd:
         threading.Thread(target=listen_later, daemon=True).start()
         began = time.monotonic()
         try:
@@ -192,16 +203,17 @@ def test_wait_ready_returns_once_the_guest_port_listens(daemon: gforward.daemon.
     assert 1.4 <= took < 5.0
 
 
-def test_wait_ready_is_false_on_timeout(daemon: gforward.daemon.Daemon) -> None:
-    with forward(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
+def test_wait_ready_is_false_on_timeout(daemon: gforward.daemon.Daemon, isolation: str) -> None:
+    with forward(daemon.url, f"127.0.0.1:{closed_port()}", isolation=isolation) as fwd:
         began = time.monotonic()
         assert fwd.wait_ready(1.0) is False
         assert time.monotonic() - began < 3.0
 
 
-def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(echo_server: str) -> None:
+def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(echo_server: str,
+                                                                 isolation: str) -> None:
     with gforward.daemon.start(token="right") as daemon, \
-            forward(daemon.url, echo_server, token=TOKEN_SECRET) as fwd:
+            forward(daemon.url, echo_server, token=TOKEN_SECRET, isolation=isolation) as fwd:
         began = time.monotonic()
         with pytest.raises(gforward.ForwardError, match="401") as info:
             fwd.wait_ready(WAIT)
@@ -210,8 +222,8 @@ def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(echo_server: st
     assert TOKEN_SECRET not in str(info.value)
 
 
-def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon) -> None:
-    with forward(daemon.url, f"127.0.0.1:{closed_port()}") as fwd:
+def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon, isolation: str) -> None:
+    with forward(daemon.url, f"127.0.0.1:{closed_port()}", isolation=isolation) as fwd:
         threading.Timer(0.5, fwd.close).start()
         assert fwd.wait_ready(WAIT) is False
 
@@ -220,9 +232,9 @@ def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon) -> None
 
 
 def test_listeners_added_and_removed_while_others_serve(
-        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str) -> None:
+        daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str, isolation: str) -> None:
     path = os.path.join(short_tmp, "added.sock")
-    with forward(daemon.url, echo_server) as fwd:
+    with forward(daemon.url, echo_server, isolation=isolation) as fwd:
         first = fwd.listeners[0]
         with connect(first) as busy:
             busy.sendall(b"before")
@@ -247,8 +259,8 @@ def test_listeners_added_and_removed_while_others_serve(
 
 
 def test_add_raises_as_start_does_and_binds_nothing(daemon: gforward.daemon.Daemon,
-                                                   echo_server: str) -> None:
-    with forward(daemon.url, echo_server) as fwd:
+                                                   echo_server: str, isolation: str) -> None:
+    with forward(daemon.url, echo_server, isolation=isolation) as fwd:
         taken = fwd.listeners[0].port
         with pytest.raises(gforward.ForwardError, match="cannot listen"):
             fwd.add(f"127.0.0.1:{taken}:{echo_server}")
@@ -258,8 +270,9 @@ def test_add_raises_as_start_does_and_binds_nothing(daemon: gforward.daemon.Daem
 
 
 def test_remove_with_a_drain_lets_its_tunnel_finish(daemon: gforward.daemon.Daemon,
-                                                     echo_server: str) -> None:
-    with Guest(slow_reply(1.0)) as guest, forward(daemon.url, echo_server) as fwd:
+                                                     echo_server: str, isolation: str) -> None:
+    with Guest(slow_reply(1.0)) as guest, \
+            forward(daemon.url, echo_server, isolation=isolation) as fwd:
         slow = fwd.add(f"127.0.0.1:0:{guest.target}")
         with connect(slow) as sock:
             ask(sock, lambda: stats_of(fwd, 1).tunnels_open)
@@ -350,8 +363,8 @@ def test_wait_ready_flag(programs: Programs, echo_server: str) -> None:
 
 
 def test_close_ends_the_tunnels_of_a_listener_being_removed(
-        daemon: gforward.daemon.Daemon, echo_server: str, thinker: Guest) -> None:
-    with forward(daemon.url, echo_server) as fwd:
+        daemon: gforward.daemon.Daemon, echo_server: str, thinker: Guest, isolation: str) -> None:
+    with forward(daemon.url, echo_server, isolation=isolation) as fwd:
         leaving = fwd.add(f"127.0.0.1:0:{thinker.target}")
         with connect(leaving) as sock:
             ask(sock, lambda: stats_of(fwd, 1).tunnels_open)
@@ -367,8 +380,9 @@ def test_close_ends_the_tunnels_of_a_listener_being_removed(
             assert not removing.is_alive()
 
 
-def test_close_stops_a_wait_ready_whose_probe_is_still_dialling() -> None:
-    with blackhole() as port, forward(f"http://127.0.0.1:{port}", dial_timeout=30) as fwd:
+def test_close_stops_a_wait_ready_whose_probe_is_still_dialling(isolation: str) -> None:
+    with blackhole() as port, \
+            forward(f"http://127.0.0.1:{port}", dial_timeout=30, isolation=isolation) as fwd:
         answers: list[bool] = []
         waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
         waiting.start()
