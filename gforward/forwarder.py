@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import gevent
 from gevent import socket
@@ -64,7 +64,7 @@ class Forwarder(Service):
             self._log.info("reaching %s through proxy %s", endpoint.describe(),
                            self._settings.proxy.describe())
         self._patch_noticed = False
-        self._probing: list[Any] = []  # the sockets of wait_ready's probes, for close()
+        self._probing: list[list[Any]] = []  # each wait_ready probe's sockets, for close()
         self._open(mappings)
 
     @property
@@ -96,14 +96,7 @@ class Forwarder(Service):
         connection = Connection(door, local)
         dial.set_nodelay(local)
         try:
-            stream, trailing = dial.open_websocket(
-                settings.endpoint,
-                route.upgrade.handshake(),
-                timeout=settings.dial_timeout,
-                tls=settings.tls,
-                track=connection.add,
-                proxy=settings.proxy_handshake(),
-            )
+            stream, trailing = self._dial(route, settings.dial_timeout, connection.add)
         except (ForwardError, OSError) as exc:
             if not connection.aborted:  # else the forwarder closed meanwhile: not a failure
                 self._log.warning("tunnel %s failed: %s", _TunnelName(route.listener, address),
@@ -129,6 +122,14 @@ class Forwarder(Service):
         pump = dial.open_pump(local, stream, tunnel, ended, counts)
         connection.open(pump)
         pump.start(trailing)
+
+    def _dial(self, route: _Route, timeout: float, track: Callable[[Any], None]
+              ) -> tuple[dial.Stream, bytes]:
+        """Open a WebSocket to `route`'s upstream, as every tunnel and probe does."""
+        settings = self._settings
+        return dial.open_websocket(settings.endpoint, route.upgrade.handshake(), timeout=timeout,
+                                   tls=settings.tls, track=track,
+                                   proxy=settings.proxy_handshake())
 
     # Operating it ---------------------------------------------------------------
 
@@ -178,44 +179,52 @@ class Forwarder(Service):
 
     def _probe(self, route: _Route, deadline: float | None) -> bool:
         """Probe one listener's upstream until the daemon reaches it (see wait_ready)."""
-        settings = self._settings
         pause = _PROBE_BACKOFF[0]
-        while not self.stopping():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            try:
-                stream, _ = dial.open_websocket(
-                    settings.endpoint, route.upgrade.handshake(),
-                    timeout=min(settings.dial_timeout, left or settings.dial_timeout),
-                    tls=settings.tls, track=self._probing.append,
-                    proxy=settings.proxy_handshake())
-            except (ForwardError, OSError) as exc:
-                if self.stopping():  # close() cut the probe short
+        sockets: list[Any] = []  # the current attempt's, for a close to cut
+        self._probing.append(sockets)
+        try:
+            while not self.stopping():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     return False
-                if not _worth_another_probe(exc):
-                    raise ForwardError(f"{route.listener.local} -> {route.listener.remote}: "
-                                       f"{settings.redact(str(exc))}",
-                                       getattr(exc, "cause", "")) from None
-                gevent.sleep(pause if left is None else min(pause, left))
-                pause = min(pause * 2, _PROBE_BACKOFF[1])
-                continue
-            try:
-                stream.sendall(frames.encode_frame(frames.OP_CLOSE,
-                                                   frames.close_payload(1000), mask=True))
-            except OSError:
-                pass  # the daemon reached the upstream: that was the question
-            finally:
-                stream.close()
-                self._probing.clear()
-            return True
-        return False
+                dial_timeout = self._settings.dial_timeout
+                if self._reached(route, min(dial_timeout, left or dial_timeout), sockets):
+                    return True
+                if not self.stopping():
+                    gevent.sleep(pause if left is None else min(pause, left))
+                    pause = min(pause * 2, _PROBE_BACKOFF[1])
+            return False
+        finally:
+            self._probing.remove(sockets)
+
+    def _reached(self, route: _Route, timeout: float, sockets: list[Any]) -> bool:
+        """One probe: whether a tunnel to `route`'s upstream opens (it is closed at once).
+        Raises ForwardError for a refusal that will not get better."""
+        try:
+            stream, _ = self._dial(route, timeout, sockets.append)
+        except (ForwardError, OSError) as exc:
+            sockets.clear()  # open_websocket closed them
+            if self.stopping() or _worth_another_probe(exc):  # a close cut it short, or not yet
+                return False
+            raise ForwardError(f"{route.listener.local} -> {route.listener.remote}: "
+                               f"{self._settings.redact(str(exc))}",
+                               getattr(exc, "cause", "")) from None
+        try:
+            stream.sendall(frames.encode_frame(frames.OP_CLOSE,
+                                               frames.close_payload(1000), mask=True))
+        except OSError:
+            pass  # the daemon reached the upstream: that was the question
+        finally:
+            stream.close()
+            sockets.clear()
+        return True
 
     def _begin_close(self, drain: float) -> None:
         """Closing also ends the probes of a wait_ready under way (which then says False)."""
         super()._begin_close(drain)
-        for sock in self._probing:
-            sock.close()
+        for sockets in self._probing:
+            for sock in sockets:
+                sock.close()
 
 
 def _worth_another_probe(exc: BaseException) -> bool:

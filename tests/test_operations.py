@@ -14,6 +14,7 @@ import pytest
 
 import gforward
 import gforward.daemon
+from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.guest import Guest
 from tests.peers.programs import Program, Programs
 from tests.support import (
@@ -387,6 +388,31 @@ def test_close_stops_a_wait_ready_whose_probe_is_still_dialling(isolation: str) 
         waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
         waiting.start()
         time.sleep(0.5)  # the probe is in its connect(), which nothing answers
+        began = time.monotonic()
+        fwd.close()
+        waiting.join(WAIT)
+        assert answers == [False]
+        assert time.monotonic() - began < 3.0
+
+
+def test_close_stops_a_wait_ready_whose_other_probe_is_still_dialling(isolation: str) -> None:
+    """One listener's probe is done (its upstream was reached) while another's still waits
+    for the daemon's answer: a close must end that one too, not leave it to its timeout."""
+
+    def reach_the_first_only(peer: Peer) -> None:
+        if peer.read_request().get("X-Inlets-Upstream") == "127.0.0.1:1":
+            peer.accept()
+        peer.wait_eof()
+
+    specs = ["127.0.0.1:0:127.0.0.1:1", "127.0.0.1:0:127.0.0.1:2"]
+    with FakeDaemon(reach_the_first_only) as fake, \
+            forward(fake.url, specs=specs, dial_timeout=30, isolation=isolation) as fwd:
+        answers: list[bool] = []
+        waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
+        waiting.start()
+        wait_until(lambda: len(fake.peers) == 2 and any(p.eof.is_set() for p in fake.peers),
+                   WAIT)
+        assert [p.eof.is_set() for p in fake.peers].count(True) == 1  # the first probe is done
         began = time.monotonic()
         fwd.close()
         waiting.join(WAIT)
