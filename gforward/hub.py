@@ -107,10 +107,15 @@ def is_shared(hub: Any) -> bool:
     return shared is not None and hub is shared.hub
 
 
+def is_mine(hub: Any) -> bool:
+    """Whether the calling thread is `hub`'s own, where its objects may be touched."""
+    return bool(hub.thread_ident == thread_id())
+
+
 def run_in(hub: Any, fn: Callable[[], T]) -> T:
     """`fn()` run in a greenlet of `hub`, its result (or exception) handed to the caller,
     whatever thread that is.  In the hub's own thread it simply runs in the caller."""
-    if hub.thread_ident == thread_id():
+    if is_mine(hub):
         return fn()
     done = Latch()
     outcome: list[Any] = []
@@ -134,7 +139,7 @@ def run_in(hub: Any, fn: Callable[[], T]) -> T:
 
 def soon(hub: Any, fn: Callable[[], object]) -> None:
     """`fn()` started in a greenlet of `hub`, from any thread, without waiting for it."""
-    if hub.thread_ident == thread_id():
+    if is_mine(hub):
         gevent.spawn(fn)
     else:
         hub.loop.run_callback_threadsafe(gevent.spawn, fn)

@@ -243,14 +243,14 @@ class Service:
 
     def _request_close(self, drain: float) -> None:
         """Start closing without waiting for it, from any thread."""
-        if hub.thread_id() == self._hub.thread_ident:
+        if hub.is_mine(self._hub):
             current = gevent.getcurrent()
             if current in self._pool:  # one of our handlers: the teardown must not wait for it
                 self._pool.discard(current)
         hub.soon(self._hub, lambda: self._begin_close(drain))
 
     def _await_closed(self, timeout: float | None) -> bool:
-        if hub.thread_id() == self._hub.thread_ident:
+        if hub.is_mine(self._hub):
             return bool(self._closed_here.wait(timeout))
         return self._closed_anywhere.wait(timeout)
 
@@ -323,7 +323,7 @@ class Service:
         sockets += [sock for connection in connections for sock in connection.sockets]
         sockets += [sock for handler in handlers for sock in fork.accepted_sockets(handler)]
         fork.release(sockets)
-        if self._hub is not None and self._hub.thread_ident == hub.thread_id():
+        if self._hub is not None and hub.is_mine(self._hub):
             for door in self._doors:
                 if door.server is not None:
                     door.server.close()
