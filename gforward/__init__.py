@@ -6,9 +6,10 @@ its own WebSocket to the daemon's /vm/{name}/forward endpoint.
 How it is built, floor by floor (a module imports only from floors below):
 
 1. `proto/`: pure protocol, never a socket: spec `mapping`, base-URL `endpoint`,
-   the upgrade `handshake`, `frames`, the CONNECT `proxy` exchange, the daemon's
-   upstream policy `allow`, the `tunnel`'s rules as a state machine, and the
-   `records` a forwarder reports.  `errors` sits under everything.
+   the upgrade `handshake`, `frames`, random keys (`draws`), the CONNECT `proxy`
+   exchange, the daemon's upstream policy `allow`, the `tunnel`'s rules as a
+   state machine, and the `records` a forwarder reports.  `errors` sits under
+   everything.
 2. I/O: `listen` (listening sockets), `pump` (the event-driven driver of a
    tunnel), `tls` (TLS through memory BIOs, for the dial and the pump), `dial`
    (the connection to the daemon and the upgrade), `hub` (which hub, and how

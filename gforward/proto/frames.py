@@ -9,9 +9,10 @@ unmasked payload comes back as a slice of the caller's buffer, not a copy.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Callable, NamedTuple, Union
+
+from .draws import Draws
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -101,20 +102,8 @@ _SHORT_HEADERS = {
     for mask_bit in (0, 0x80)
     for opcode in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
 }
-_keys: list[bytes] = []
-if hasattr(os, "register_at_fork"):  # a forked child draws keys of its own (RFC 6455 10.3)
-    os.register_at_fork(after_in_child=_keys.clear)
-
-
-def mask_key() -> bytes:
-    """A fresh random masking key (RFC 6455 5.3), drawn from os.urandom 1,024 at a time
-    to spare a getrandom call per frame (list.pop is atomic, so threads may share it)."""
-    try:
-        return _keys.pop()
-    except IndexError:
-        block = os.urandom(4096)
-        _keys.extend(block[i : i + 4] for i in range(0, len(block), 4))
-        return _keys.pop()
+# A fresh random masking key per frame (RFC 6455 5.3), 1,024 drawn at a time.
+mask_key = Draws(4, 1024).take
 
 
 def frame_parts(opcode: int, payload: Buffer, *, mask: bool) -> tuple[bytes, Buffer]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.handshake import H11Handshake
 
 from ..errors import ForwardError
+from .draws import Draws
 
 MAX_HEAD = 64 * 1024  # an answer head larger than this is not a daemon talking
 BODY_PREVIEW = 200  # how much of a refusal's body goes into the log line
@@ -94,20 +94,9 @@ _STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t -~]*)?")
 # A header line in a narrower grammar than h11's (RFC 9110 tokens, visible ASCII values).
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~](?:[\t -~]*[!-~])?)?[ \t]*")
 _FAST_MAX_HEAD = 8192
-_keys: list[bytes] = []
-if hasattr(os, "register_at_fork"):  # a forked child draws keys of its own
-    os.register_at_fork(after_in_child=_keys.clear)
-
-
-def _new_key() -> bytes:
-    """A Sec-WebSocket-Key: 16 random bytes in base64 (RFC 6455, section 4.1), drawn from
-    os.urandom 256 at a time (list.pop is atomic, so threads may share them)."""
-    try:
-        return _keys.pop()
-    except IndexError:
-        block = os.urandom(16 * 256)
-        _keys.extend(base64.b64encode(block[i : i + 16]) for i in range(0, len(block), 16))
-        return _keys.pop()
+# Sec-WebSocket-Key values: 16 random bytes in base64 (RFC 6455, section 4.1), 256 drawn
+# at a time.
+_new_key = Draws(16, 256, base64.b64encode).take
 
 
 def accept_token(key: bytes) -> bytes:

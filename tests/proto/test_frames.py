@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import tracemalloc
@@ -674,22 +673,3 @@ def test_close_payload_short_reason_kept() -> None:
     assert close_payload(1000, "bye") == b"\x03\xe8bye"
     assert len(close_payload(1000, "x" * 123)) == 125
     assert len(close_payload(1000, "x" * 124)) == 125
-
-
-def test_a_forked_child_draws_masking_keys_of_its_own() -> None:
-    """Keys drawn ahead are not inherited: parent and child must not send the same ones
-    (RFC 6455 10.3 wants them unpredictable)."""
-    frames.mask_key()  # the parent has keys in reserve
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next keys, to the parent
-        os.write(write, b"".join(frames.mask_key() for _ in range(8)))
-        os._exit(0)
-    os.close(write)
-    try:
-        theirs = os.read(read, 64)
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
-    ours = b"".join(frames.mask_key() for _ in range(8))
-    assert len(theirs) == 32 and theirs != ours
