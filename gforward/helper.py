@@ -89,12 +89,29 @@ def _answer(fwd: Forwarder, request: dict[str, Any], send: Send) -> None:
         send(answer)
 
 
+ERROR_KINDS = (SpecError, KeyError, ValueError, ForwardError)  # the most specific first
+
+
 def error_fields(exc: BaseException) -> dict[str, str]:
-    """An exception as the app raises it again: its kind, message and cause."""
-    kind = next((k.__name__ for k in (SpecError, KeyError, ValueError, ForwardError)
-                 if isinstance(exc, k)), "ForwardError")
+    """An exception as the app raises it again (`rebuilt_error`): kind, message, cause."""
+    kind = next((k.__name__ for k in ERROR_KINDS if isinstance(exc, k)), "ForwardError")
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return {"kind": kind, "message": str(message), "cause": getattr(exc, "cause", "")}
+
+
+def rebuilt_error(error: dict[str, str]) -> Exception:
+    """An error the helper reported, as the app would have had it in thread isolation."""
+    kind = next((k for k in ERROR_KINDS if k.__name__ == error["kind"]), ForwardError)
+    if kind is SpecError:
+        return SpecError(error["message"])
+    if kind is ForwardError:
+        return ForwardError(error["message"], error["cause"])
+    return kind(error["message"])
+
+
+def as_line(document: dict[str, Any]) -> bytes:
+    """One document as the channel carries it: JSON on a line of its own."""
+    return json.dumps(document).encode() + b"\n"
 
 
 def _sender(channel: socket.socket) -> Send:
@@ -102,7 +119,7 @@ def _sender(channel: socket.socket) -> Send:
     lock = threading.Lock()
 
     def send(document: dict[str, Any]) -> None:
-        data = json.dumps(document).encode() + b"\n"
+        data = as_line(document)
         with lock:
             channel.sendall(data)
 

@@ -25,14 +25,13 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from . import fork, live
-from .errors import ForwardError, SpecError
+from .errors import ForwardError
 from .forwarder import Forwarder
+from .helper import as_line, rebuilt_error
 from .options import Options, settle
 from .proto.records import ForwarderStats, Listener, ListenerStats
 
 STOP_TIMEOUT = 10.0  # how long close() waits for the helper to exit before killing it
-_ERRORS: dict[str, type[Exception]] = {"SpecError": SpecError, "KeyError": KeyError,
-                                       "ValueError": ValueError, "ForwardError": ForwardError}
 
 
 class IsolatedForwarder(Forwarder):
@@ -76,7 +75,7 @@ class IsolatedForwarder(Forwarder):
             if answer is None:
                 raise ForwardError(f"the gforward helper exited ({self._process.returncode}) "
                                    f"before starting: {self._stderr_tail()}")
-            raise _rebuilt(answer["error"])
+            raise rebuilt_error(answer["error"])
         self._listeners = [Listener(**fields_) for fields_ in answer["started"]]
         threading.Thread(target=self._listen, name="gforward helper channel",
                          daemon=True).start()
@@ -114,7 +113,7 @@ class IsolatedForwarder(Forwarder):
         return listener
 
     def remove(self, what: Listener | str, drain: float = 0.0) -> None:
-        found = [ln for ln in self._listeners if ln == what or ln.spec == what][:1]
+        found = [ln for ln in self._listeners if ln.is_named(what)][:1]
         if not found:
             raise KeyError(what)
         try:
@@ -166,11 +165,11 @@ class IsolatedForwarder(Forwarder):
         waiter[0].wait()
         answer = waiter[1]
         if "error" in answer:
-            raise _rebuilt(answer["error"])
+            raise rebuilt_error(answer["error"])
         return answer["result"]
 
     def _send(self, document: dict[str, Any]) -> None:
-        self._channel.sendall(json.dumps(document).encode() + b"\n")
+        self._channel.sendall(as_line(document))
 
     def _read(self) -> dict[str, Any] | None:
         """The next document that is not a log record (those go to the logger); None once
@@ -265,16 +264,6 @@ class IsolatedForwarder(Forwarder):
         if self._process.stderr is not None:
             fork.release([self._process.stderr])
         self._closed_event.set()
-
-
-def _rebuilt(error: dict[str, str]) -> Exception:
-    """An error the helper reported, as the app would have had it in thread isolation."""
-    kind = _ERRORS.get(error["kind"], ForwardError)
-    if kind is SpecError:
-        return SpecError(error["message"])
-    if kind is ForwardError:
-        return ForwardError(error["message"], error["cause"])
-    return kind(error["message"])
 
 
 def _python() -> str:
