@@ -149,15 +149,10 @@ class Forwarder(Service):
         """Stop a listener (given, or named by its spec) and end its tunnels as
         close(drain=...) ends them; KeyError if this forwarder has no such listener."""
         for door in list(self._doors):
-            listener = door.context.listener
-            if listener == what or listener.spec == what:
+            if door.context.listener.is_named(what):
                 self._remove(door, drain)
                 return
         raise KeyError(what)
-
-    def close(self, drain: float = 0.0) -> None:
-        """Stop accepting and end every tunnel; see Service.close for `drain`."""
-        super().close(drain)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Whether, within `timeout` seconds, the daemon reaches every listener's upstream:

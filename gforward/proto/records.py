@@ -14,6 +14,10 @@ class Listener:
     remote: str  # the X-Inlets-Upstream value
     port: int  # resolved TCP port; 0 for unix listeners
 
+    def is_named(self, what: Listener | str) -> bool:
+        """Whether `what` (remove()'s argument) is this listener or the spec it was bound for."""
+        return self == what or self.spec == what
+
 
 class Counters:
     """Running counts of one listener, or of a whole forwarder.  Only the hub's thread
