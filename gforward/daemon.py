@@ -35,7 +35,7 @@ from .proto.mapping import AddressMapping, parse_listen_address, parse_remote_ta
 from .proto.tunnel import Tunnel
 from .pump import Pump
 from .service import Connection, Door, Service
-from .tls import TLSChannel
+from .tls import RECV_SIZE, TLSChannel
 
 HANDSHAKE_TIMEOUT = 10.0  # a client must finish TLS and its upgrade request in this time
 DIAL_TIMEOUT = 10.0  # seconds for the upstream's name to resolve, and again for it to accept
@@ -144,7 +144,7 @@ class Daemon(Service):
                 server = handshake.ServerHandshake()
                 request = None
                 while request is None:
-                    request = server.receive(stream.recv(dial.RECV_SIZE))
+                    request = server.receive(stream.recv(RECV_SIZE))
         except (ForwardError, OSError) as exc:
             self._log.info("client %s: %s", address, exc)
             self._drop(connection, stream, handshake.rejection(400, str(exc)))

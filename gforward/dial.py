@@ -28,9 +28,8 @@ from .proto.records import Counters
 from .proto.tunnel import Tunnel
 from .pump import Pump
 from .queues import raw
-from .tls import TLSChannel, TLSPump
+from .tls import RECV_SIZE, TLSChannel, TLSPump
 
-RECV_SIZE = 64 * 1024
 _NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 REFUSAL_BODY_WAIT = 1.0  # seconds to wait for the start of a refusal's body
 ATTEMPT_DELAY = 0.25  # seconds an attempt to connect has alone: RFC 8305's recommended value

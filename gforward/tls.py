@@ -24,7 +24,7 @@ from .proto.tunnel import Tunnel
 from .pump import Pump
 from .queues import BUFFER, CHUNK, raw
 
-RECV_SIZE = 64 * 1024
+RECV_SIZE = 64 * 1024  # bytes per recv while a dial or a daemon's handshake reads
 
 
 def client_context(ca_file: str | None = None, insecure: bool = False) -> ssl.SSLContext:
