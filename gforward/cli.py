@@ -130,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exposed = [ln.local for ln in forwarder.listeners
                    if parse_address_mapping(ln.spec).listens_everywhere()]
         if exposed:
-            _warn(f"listening on all interfaces ({', '.join(exposed)}): anyone who can reach "
-                  f"this machine can reach {args.vm}; prefix the spec with 127.0.0.1: to keep "
-                  "it local")
+            _warn(WILDCARD_WARNING % (", ".join(exposed), args.vm))
 
     def ready(forwarder: Forwarder) -> str | None:
         """For --wait-ready: says `ready`, or why not."""
