@@ -11,9 +11,7 @@ own cost. It prints ``listening on http://127.0.0.1:PORT``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import re
 import socket
@@ -22,19 +20,24 @@ import sys
 import threading
 
 from benchmarks.children import child_arguments, child_setup
+from gforward.proto.frames import (
+    CLOSE_NORMAL,
+    OP_BINARY,
+    OP_CLOSE,
+    close_payload,
+    encode_frame,
+    frame_header,
+)
+from gforward.proto.handshake import accept_token
 
 FRAME = 32 * 1024
 RUN = 32  # frames per sendall
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FORWARD_PATH = re.compile(r"(?:/[^/?]+)*/vm/[^/?]+/forward(?:\?.*)?")
-OP_CLOSE = 0x8
 
 
 def frames(size: int, count: int) -> bytes:
     """`count` unmasked binary frames of `size` random bytes, as a server sends them."""
-    header = struct.pack("!BBH", 0x82, 126, size) if size < 1 << 16 else struct.pack(
-        "!BBQ", 0x82, 127, size)
-    return (header + os.urandom(size)) * count
+    return (frame_header(OP_BINARY, size) + os.urandom(size)) * count
 
 
 def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -92,7 +95,7 @@ def serve(sock: socket.socket, run: bytes, timeout: float) -> None:
             sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close"
                          b"\r\n\r\n")
             return
-        accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest())
+        accept = accept_token(key.encode())
         sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                      b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         closed = threading.Event()
@@ -101,7 +104,7 @@ def serve(sock: socket.socket, run: bytes, timeout: float) -> None:
         reader.start()
         while not closed.is_set():
             sock.sendall(run)
-        sock.sendall(struct.pack("!BBH", 0x80 | OP_CLOSE, 2, 1000))
+        sock.sendall(encode_frame(OP_CLOSE, close_payload(CLOSE_NORMAL), mask=False))
         sock.shutdown(socket.SHUT_WR)
         reader.join(timeout)
     except OSError:
