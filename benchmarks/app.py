@@ -30,6 +30,7 @@ Commands come on stdin, one JSON object a line; each answer is one line
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -83,6 +84,16 @@ def busy_app(addr: tuple[str, int], command: dict[str, Any], timeout: float
     return out
 
 
+def start_forwarder(command: dict[str, Any]) -> Any:
+    """A forwarder as a "forward" or "start" command asks for it (gforward imported late:
+    "start" measures that import)."""
+    import gforward
+
+    return gforward.start(base_url=command["url"], vm_name=VM, specs=[command["spec"]],
+                          token=command.get("token", ""),
+                          isolation=command.get("isolation", "thread"))
+
+
 def start_cost(command: dict[str, Any], timeout: float) -> dict[str, Any]:
     """What gforward costs a fresh app: `import gforward`, the first start() (and one
     tunnel through it, for lazy imports and first allocations), the RSS it added to
@@ -91,14 +102,12 @@ def start_cost(command: dict[str, Any], timeout: float) -> dict[str, Any]:
     pid = os.getpid()
     rss0 = procfs.rss_kib(pid)
     began = time.perf_counter()
-    import gforward
-
+    importlib.import_module("gforward")  # timed: the first import pays for gevent's too
     imported = time.perf_counter() - began
 
     def start() -> tuple[Any, float]:
         began = time.perf_counter()
-        fwd = gforward.start(base_url=command["url"], vm_name=VM, specs=[command["spec"]],
-                             token=command.get("token", ""), isolation=command["isolation"])
+        fwd = start_forwarder(command)
         return fwd, time.perf_counter() - began
 
     def close(fwd: Any) -> float:
@@ -141,14 +150,9 @@ class App:
     def run(self, command: dict[str, Any]) -> dict[str, Any]:
         op = command["op"]
         if op == "forward":
-            import gforward
-
-            fwd = gforward.start(base_url=command["url"], vm_name=VM, specs=[command["spec"]],
-                                 token=command.get("token", ""),
-                                 isolation=command.get("isolation", "thread"))
+            fwd = start_forwarder(command)
             self.forwarders[command["name"]] = fwd
-            return {"port": fwd.listeners[0].port, "version": gforward.__version__,
-                    "helper": getattr(fwd, "helper_pid", 0)}
+            return {"port": fwd.listeners[0].port, "helper": getattr(fwd, "helper_pid", 0)}
         if op == "unforward":
             self.forwarders.pop(command["name"]).close()
             return {}

@@ -54,8 +54,6 @@ class Child:
     def __init__(self, name: str, argv: list[str], logdir: Path, *, talks: bool,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.argv = argv
-        self.talks = talks
         self.log_path = logdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -140,12 +138,11 @@ class Child:
     def stop(self) -> None:
         """Close its stdin (ours end on EOF), then SIGTERM, then SIGKILL, to its whole
         process group; reaps it."""
-        if self.proc.stdin is not None:
+        if self.proc.stdin is not None:  # one of ours (`talks`)
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            if self.talks:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
         if self.proc.poll() is None:
             self._signal_group(signal.SIGTERM)
             try:
