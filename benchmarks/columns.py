@@ -13,11 +13,13 @@ a command too (`--daemon`), so is the https one (`--tls-daemon`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shlex
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class Column:
     key: str  # "direct", "process", "app", "isolated", or "peer:NAME"
     title: str
     command: str = ""  # the forwarder's command line (process and peer columns)
+    isolation: str = ""  # Options.isolation of a forwarder the app starts (in-app columns)
 
     @property
     def is_peer(self) -> bool:
@@ -48,20 +51,14 @@ class Column:
     @property
     def in_app(self) -> bool:
         """Whether the app starts this column's forwarder with gforward.start()."""
-        return self.key in IN_APP
-
-    @property
-    def isolation(self) -> str:
-        """The Options.isolation of an in-app column's forwarder."""
-        return IN_APP.get(self.key, "")
+        return bool(self.isolation)
 
 
 DIRECT = Column("direct", "direct")
 PROCESS = Column("process", "gforward (process)", PROCESS_COMMAND)
-APP = Column("app", "gforward (in-app)")
-ISOLATED = Column("isolated", "gforward (in-app, isolated)")
+APP = Column("app", "gforward (in-app)", isolation="thread")
+ISOLATED = Column("isolated", "gforward (in-app, isolated)", isolation="process")
 BUILTIN = (DIRECT, PROCESS, APP, ISOLATED)
-IN_APP = {"app": "thread", "isolated": "process"}  # column key: its forwarder's isolation
 
 
 def peer_column(text: str) -> Column:
@@ -164,6 +161,15 @@ class Processes:
         child = self.ours("app", name)
         child.expect(r"^BENCH ", START_TIMEOUT)
         return child
+
+    @contextlib.contextmanager
+    def fresh_app(self, name: str) -> Iterator[Child]:
+        """An app of its own for one measurement, retired after it."""
+        app = self.app(name)
+        try:
+            yield app
+        finally:
+            self.children.retire(app)
 
     def open(self, column: Column, daemon: Daemon | None, guest: tuple[str, int], label: str,
              app: Child | None = None) -> Endpoint:

@@ -100,9 +100,7 @@ def cpu_per_gib(key: str) -> Callable[[dict[str, Any]], Value]:
 
 def rate(key: str, *path: str) -> Callable[[dict[str, Any]], Value]:
     def value(raw: dict[str, Any]) -> Value:
-        found: Any = _result(raw, key)
-        for name in path:
-            found = found[name]
+        found = _at(raw, key, path)
         return float(found["count"]) / float(found["seconds"])
 
     return value
@@ -113,13 +111,15 @@ def cpu_per_op(key: str, scale: float = 1e6) -> Callable[[dict[str, Any]], Value
 
 
 def field(key: str, *path: str) -> Callable[[dict[str, Any]], Value]:
-    def value(raw: dict[str, Any]) -> Value:
-        found: Any = _result(raw, key)
-        for name in path:
-            found = found[name]
-        return float(found)
+    return lambda raw: float(_at(raw, key, path))
 
-    return value
+
+def _at(raw: dict[str, Any], key: str, path: tuple[str, ...]) -> Any:
+    """What `path` leads to in the result of `key`."""
+    found: Any = _result(raw, key)
+    for name in path:
+        found = found[name]
+    return found
 
 
 def cpu_per_connection(raw: dict[str, Any]) -> Value:
@@ -341,10 +341,9 @@ def compute(run: Run) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
         if target is not None:
             row.update(target=target.value, target_vs_peer=target.vs_peer,
                        target_note=target.note)
+            applicable = not (fig.key == "tunnels_held" and max(run.p.idle_steps) < target.value)
             for mode in GFORWARD:
                 measured = row.get(f"vs_peer_{mode}") if target.vs_peer else row[mode]
-                applicable = not (fig.key == "tunnels_held"
-                                  and max(run.p.idle_steps) < target.value)
                 row[f"met_{mode}"] = (target.met(fig, measured) if measured is not None
                                       and applicable else None)
         table[fig.key] = row

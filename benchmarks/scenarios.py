@@ -124,8 +124,7 @@ def busy(run: Run, endpoints: list[Endpoint]) -> None:
                             "warmup": p.busy_warmup, "seconds": p.busy_window}}
 
     def work(endpoint: Endpoint) -> dict[str, Any]:
-        app = run.procs.app(f"app-busy-{endpoint.column.key}")
-        try:
+        with run.procs.fresh_app(f"app-busy-{endpoint.column.key}") as app:
             target: dict[str, Any] = {"addr": list(endpoint.addr)}
             if endpoint.column.in_app:
                 mine = run.procs.open(endpoint.column, run.daemon(), run.guest_addr, "busy",
@@ -134,8 +133,6 @@ def busy(run: Run, endpoints: list[Endpoint]) -> None:
             before = procfs.snapshot({}, os.getpid())
             result = app.request({**command, "target": target}, run.remaining())
             return {**result, **procfs.window(before, procfs.snapshot({}, os.getpid()))}
-        finally:
-            run.children.retire(app)
 
     def describe(r: dict[str, Any]) -> str:
         return (f"idle {latencies(r['idle'])}, {requests_rate(r['idle_requests'])};"
@@ -218,8 +215,7 @@ def idle(run: Run) -> None:
 
         def work(column: Column = column) -> dict[str, Any]:
             if column.in_app:  # the RSS of the app, and of its helper if it has one
-                app = run.procs.app(f"app-idle-{column.key}")
-                try:
+                with run.procs.fresh_app(f"app-idle-{column.key}") as app:
                     mine = run.procs.open(column, daemon, run.guest_addr, "idle", app)
                     fds = ({"app": (app.pid, 1), "helper": (mine.helper, 2)} if mine.helper
                            else {"app": (app.pid, 3)})
@@ -227,8 +223,6 @@ def idle(run: Run) -> None:
                     return app.request({"op": "idle", "target": {"forwarder": mine.name},
                                         "plan": plan, "settle": p.settle,
                                         "tree": bool(mine.helper)}, run.remaining())
-                finally:
-                    run.children.retire(app)
             endpoint = run.procs.open(column, daemon, run.guest_addr, "idle")
             assert endpoint.forwarder is not None
             pid = endpoint.forwarder.pid
@@ -276,16 +270,13 @@ def start(run: Run) -> None:
     for column in run.in_app:
 
         def work(column: Column = column) -> dict[str, Any]:
-            app = run.procs.app(f"app-start-{column.key}")
-            try:
+            with run.procs.fresh_app(f"app-start-{column.key}") as app:
                 return app.request({"op": "start", "url": daemon.url,
                                     "spec": f"127.0.0.1:0:{run.guest_addr[0]}:"
                                             f"{run.guest_addr[1]}",
                                     "token": run.procs.values.get("token", ""),
                                     "isolation": column.isolation, "repeat": p.start_repeat,
                                     "settle": p.settle}, run.remaining())
-            finally:
-                run.children.retire(app)
 
         result = run.attempt("start", column, work)
         if result is not None:
