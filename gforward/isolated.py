@@ -113,18 +113,19 @@ class IsolatedForwarder(Forwarder):
         return listener
 
     def remove(self, what: Listener | str, drain: float = 0.0) -> None:
-        found = [ln for ln in self._listeners if ln.is_named(what)][:1]
-        if not found:
-            raise KeyError(what)
+        with self._lock:
+            at = next((i for i, ln in enumerate(self._listeners) if ln.is_named(what)), None)
+            if at is None:
+                raise KeyError(what)
+            listener = self._listeners.pop(at)  # gone from `listeners` at once, as in thread mode
         try:
             if not self.closed:  # once closed, as in thread mode: nothing is left to stop
-                self._call("remove", listener=asdict(found[0]), drain=drain)
+                self._call("remove", listener=asdict(listener), drain=drain)
         except ForwardError:
             if not (self._letting_go or self.closed):
+                self._listeners.insert(at, listener)  # still bound
                 raise
             # a close() meanwhile ended the listener with everything else, as in thread mode
-        with contextlib.suppress(ValueError):  # two removes of one listener at once
-            self._listeners.remove(found[0])
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         try:
