@@ -139,12 +139,15 @@ def refused_then_echo_works(fwd: gforward.Forwarder, caplog: pytest.LogCaptureFi
     assert_secret_not_logged(caplog, secret)
 
 
-def wait_until(condition: Callable[[], object], timeout: float) -> None:
-    """Poll `condition` every 10 ms until it holds or `timeout` seconds pass (the caller
-    then asserts what it waited for)."""
+def wait_until(condition: Callable[[], object], timeout: float) -> bool:
+    """Poll `condition` every 10 ms until it holds or `timeout` seconds pass; whether it
+    held (the caller asserts that, or what it waited for)."""
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.01)
+    return True
 
 
 # Ports -----------------------------------------------------------------------------------
@@ -401,4 +404,4 @@ def ask(sock: socket.socket, tunnels_open: Callable[[], int]) -> None:
     tunnel is open (`tunnels_open()` is 1)."""
     sock.sendall(b"question")
     sock.shutdown(socket.SHUT_WR)
-    wait_until(lambda: tunnels_open() == 1, IO_TIMEOUT)
+    assert wait_until(lambda: tunnels_open() == 1, IO_TIMEOUT)

@@ -276,7 +276,8 @@ def test_stdlib_ssl_context_does_not_block_the_hub(ca: trustme.CA, ca_file: str,
         f"https://localhost:{fake.port}", ssl_context=ssl.create_default_context(cafile=ca_file),
         dial_timeout=4,
     ) as fwd, connect(fwd) as stalled:
-        wait_until(lambda: fake.peers, IO_TIMEOUT)  # the first tunnel is now in its TLS handshake
+        # The first tunnel is now in its TLS handshake.
+        assert wait_until(lambda: fake.peers, IO_TIMEOUT)
         # Well before the first tunnel's dial timeout:
         assert echo_once(local_address(fwd), b"meanwhile", timeout=3) == b"meanwhile"
         assert_closed_within(stalled, 4 + MARGIN)

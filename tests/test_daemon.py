@@ -404,6 +404,7 @@ def test_a_malformed_request_never_echoes_its_token(daemon: gforward.daemon.Daem
             answer += data
     assert answer.startswith(b"HTTP/1.1 400")
     assert secret.encode() not in answer
-    wait_until(lambda: any("not a WebSocket upgrade" in r.getMessage() for r in caplog.records),
-               READ_TIMEOUT)
+    assert wait_until(
+        lambda: any("not a WebSocket upgrade" in r.getMessage() for r in caplog.records),
+        READ_TIMEOUT)
     assert not any(secret in r.getMessage() for r in caplog.records)

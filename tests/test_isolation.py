@@ -420,9 +420,9 @@ def test_a_refused_tunnel_is_counted_and_logged_in_the_apps_logger(
     with gforward.daemon.start(token="right") as daemon, \
             isolated(daemon.url, echo_server, token="wrong") as fwd:
         assert refused(fwd)
-        wait_until(lambda: fwd.stats().tunnels_failed == 1, WAIT)
+        assert wait_until(lambda: fwd.stats().tunnels_failed == 1, WAIT)
         stats = fwd.stats()
-        wait_until(lambda: any("401" in m for m in warnings_of(gflog)), WAIT)
+        assert wait_until(lambda: any("401" in m for m in warnings_of(gflog)), WAIT)
     assert stats.failures == {"http 401": 1}
     [warning] = [m for m in warnings_of(gflog) if "401" in m]
     assert warning.startswith("tunnel 127.0.0.1:") and "failed" in warning
@@ -438,7 +438,7 @@ def test_a_logger_of_the_apps_own_gets_the_helpers_records(
     caplog.set_level(logging.WARNING, logger=mine.name)
     with isolated(daemon.url, f"127.0.0.1:{closed_port()}", logger=mine) as fwd:
         assert refused(fwd)
-        wait_until(lambda: any(r.name == mine.name for r in caplog.records), WAIT)
+        assert wait_until(lambda: any(r.name == mine.name for r in caplog.records), WAIT)
     [record] = [r for r in caplog.records if r.name == mine.name]
     assert record.levelno == logging.WARNING and "502" in record.getMessage()
 

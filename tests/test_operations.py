@@ -73,7 +73,7 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
             assert during.listeners[0].listener == first
             assert (during.listeners[0].tunnels_open, during.listeners[1].tunnels_open) == (2, 0)
         assert echo_once(local_address(second), b"z" * 5) == b"z" * 5
-        wait_until(lambda: fwd.stats().tunnels_open == 0, WAIT)
+        assert wait_until(lambda: fwd.stats().tunnels_open == 0, WAIT)
         after = fwd.stats()
     assert (after.tunnels_total, after.tunnels_failed, after.failures) == (3, 0, {})
     assert (after.bytes_up, after.bytes_down) == (1015, 1015)
@@ -85,7 +85,7 @@ def test_a_refused_upgrade_is_counted_under_its_status(echo_server: str, isolati
             forward(daemon.url, echo_server, token="wrong", isolation=isolation) as fwd:
         assert refused(fwd)
         assert refused(fwd)
-        wait_until(lambda: fwd.stats().tunnels_failed == 2, WAIT)
+        assert wait_until(lambda: fwd.stats().tunnels_failed == 2, WAIT)
         stats = fwd.stats()
     assert stats.failures == {"http 401": 2}
     assert stats.listeners[0].failures == {"http 401": 2}
@@ -139,7 +139,7 @@ def test_a_drain_lets_a_slow_reply_finish_and_refuses_newcomers(
             closer = threading.Thread(target=fwd.close, kwargs={"drain": 10.0})
             began = time.monotonic()
             closer.start()
-            wait_until(lambda: can_bind(port), WAIT)  # no longer accepting
+            assert wait_until(lambda: can_bind(port), WAIT)  # no longer accepting
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
             assert read_to_eof(sock) == b"reply to question"
@@ -299,7 +299,7 @@ def test_sigusr1_prints_every_listeners_counters(programs: Programs, echo_server
         time.sleep(0.1)
         return " open=0 total=1 " in cli.stderr
 
-    wait_until(settled, WAIT)
+    assert wait_until(settled, WAIT)
     lines = cli.stderr.splitlines()[-2:]
     assert lines[0] == (f"gforward: {first} -> vm1 {echo_server} open=0 total=1 failed=0 "
                         "up=5 down=5")
@@ -372,7 +372,7 @@ def test_close_ends_the_tunnels_of_a_listener_being_removed(
             removing = threading.Thread(target=fwd.remove, args=(leaving,),
                                         kwargs={"drain": 60.0})
             removing.start()
-            wait_until(lambda: len(fwd.listeners) == 1, WAIT)
+            assert wait_until(lambda: len(fwd.listeners) == 1, WAIT)
             began = time.monotonic()
             fwd.close()
             assert time.monotonic() - began < 3.0
@@ -410,7 +410,7 @@ def test_close_stops_a_wait_ready_whose_other_probe_is_still_dialling(isolation:
         answers: list[bool] = []
         waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
         waiting.start()
-        wait_until(lambda: len(fake.peers) == 2 and any(p.eof.is_set() for p in fake.peers),
+        assert wait_until(lambda: len(fake.peers) == 2 and any(p.eof.is_set() for p in fake.peers),
                    WAIT)
         assert [p.eof.is_set() for p in fake.peers].count(True) == 1  # the first probe is done
         began = time.monotonic()

@@ -109,7 +109,7 @@ def test_a_pong_goes_out_while_an_upload_is_blocked() -> None:
         time.sleep(0.5)  # every buffer on the way fills: the client's sends block
         peer.send_frame(OP_PING, b"still there?")
         peer.send_frame(OP_BINARY, b"said while not reading")
-        wait_until(lambda: heard, 10)  # the client heard it; the daemon has read nothing
+        assert wait_until(lambda: heard, 10)  # the client heard it; the daemon has read nothing
         count = 0
         while (frame := peer.read_frame()).opcode != OP_PONG:
             count += len(frame.payload)
