@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 MARGIN = 2.0  # seconds allowed on top of a stated bound (a loaded CI machine)
 IO_TIMEOUT = 10.0  # no test socket blocks longer than this, unless a test says otherwise
+WAIT = 15.0  # how long a test waits for anything before failing (not a bound under test)
+APPS = Path(__file__).parent / "apps"  # the app scripts, each run as a process of its own
 
 Address = Union[tuple[str, int], str]  # ("127.0.0.1", port), or a unix socket's path
 
@@ -368,7 +370,7 @@ class End:
         return f"{self.seen} after {len(self.data)} bytes" if self.data else self.seen
 
 
-def watch_end(sock: socket.socket, timeout: float = IO_TIMEOUT) -> End:
+def watch_end(sock: socket.socket, timeout: float = WAIT) -> End:
     """Read until the connection ends; fail if it is still open after `timeout` seconds."""
     sock.settimeout(timeout)
     data = bytearray()

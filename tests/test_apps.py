@@ -20,14 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import gforward
 import gforward.daemon
+from tests.support import APPS
 
-APPS = Path(__file__).parent / "apps"
 MODES = ["plain", "patched"]
 
 

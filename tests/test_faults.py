@@ -48,6 +48,8 @@ from tests.peers.guest import Guest, echo_until_eof
 from tests.peers.programs import announced, daemon_process
 from tests.peers.server import reset_on_close
 from tests.support import (
+    APPS,
+    WAIT,
     End,
     assert_secret_not_logged,
     connect,
@@ -63,8 +65,6 @@ from tests.support import (
 TOKEN = "gf5-T0ken-n3ver-logged-4d2c"
 DIAL_TIMEOUT = 1.0
 BOUND = DIAL_TIMEOUT + 2.0  # the client sees the end this soon after a fault
-WAIT = 15.0  # how long a test waits for anything before failing (not a bound under test)
-APPS = Path(__file__).parent / "apps"
 OP_CONTINUATION = 0x0
 
 # Rows of the closing note's table: (fault, what the client saw, seconds to close).

@@ -20,7 +20,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ import gforward
 import gforward.daemon
 import gforward.service
 from tests.support import (
+    APPS,
     can_bind,
     closed_port,
     connect,
@@ -40,7 +40,6 @@ from tests.support import (
     refused,
 )
 
-APPS = Path(__file__).parent / "apps"
 PAYLOAD = os.urandom(256 * 1024)
 WAIT = 15.0  # how long a client socket here blocks at the most, unless a test says otherwise
 

@@ -35,6 +35,8 @@ import gforward.daemon
 from gforward.isolated import IsolatedForwarder
 from tests.peers.programs import READ_TIMEOUT, clean_env
 from tests.support import (
+    APPS,
+    WAIT,
     can_bind,
     closed_port,
     echo_once,
@@ -46,8 +48,6 @@ from tests.support import (
     warnings_of,
 )
 
-APPS = Path(__file__).parent / "apps"
-WAIT = 15.0
 GONE_WITHIN = 5.0  # seconds for a helper to end once its app has
 PR_SET_CHILD_SUBREAPER = 36
 

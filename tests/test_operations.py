@@ -18,6 +18,7 @@ from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.guest import Guest
 from tests.peers.programs import Program, Programs
 from tests.support import (
+    WAIT,
     announced_listeners,
     ask,
     blackhole,
@@ -37,7 +38,6 @@ from tests.support import (
     watch_end,
 )
 
-WAIT = 15.0
 TOKEN_SECRET = "t0ken-n3ver-sh0wn-5e1f"
 
 
