@@ -234,12 +234,14 @@ def blackhole(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
         listener.close()
 
 
-def resolver_env(hosts: Path) -> dict[str, str]:
-    """Environment for a program whose name lookups are answered by the hosts-style file
-    `hosts` alone (tests/resolver.py)."""
-    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    return {"GEVENT_RESOLVER": "tests.resolver.HostsFile", "GFORWARD_TEST_HOSTS": str(hosts),
-            "PYTHONPATH": path}
+def resolver_env(directory: Path, hosts: str) -> dict[str, str]:
+    """Environment for a program whose name lookups are answered by the hosts-style text
+    `hosts` alone (tests/resolver.py), written to a file in `directory`."""
+    path = directory / "hosts"
+    path.write_text(hosts)
+    python_path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {"GEVENT_RESOLVER": "tests.resolver.HostsFile", "GFORWARD_TEST_HOSTS": str(path),
+            "PYTHONPATH": python_path}
 
 
 def ipv6_loopback() -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -84,13 +83,6 @@ def forward_echo(base_url: str, upstream: str, *, token: str = "",
         return echo_once(local_address(fwd), payload)
 
 
-def hosts(directory: Path, text: str) -> dict[str, str]:
-    """Environment for a daemon whose lookups are answered by the hosts-style `text` alone."""
-    path = directory / "hosts"
-    path.write_text(text)
-    return resolver_env(path)
-
-
 def tunnel_fails(base_url: str, upstream: str, *, token: str = "") -> bool:
     """Whether gforward closes the local connection without echoing (a failed tunnel)."""
     with forward(base_url, upstream, token=token) as fwd:
@@ -145,7 +137,7 @@ def test_502_with_a_reason_when_the_upstream_cannot_be_dialled(programs: Program
                                       "slicer.invalid:80"])
 def test_non_loopback_upstreams_are_refused_before_any_dial(programs: Programs, tmp_path: Path,
                                                             upstream: str) -> None:
-    _, [url] = programs.daemon("--listen", "127.0.0.1:0", env=hosts(tmp_path, ""))
+    _, [url] = programs.daemon("--listen", "127.0.0.1:0", env=resolver_env(tmp_path, ""))
     began = time.monotonic()
     status, body = upgrade(url, upstream)
     assert status == 403, body
@@ -165,7 +157,7 @@ def test_loopback_and_unix_upstreams_are_allowed_by_default(
 def test_allow_patterns_replace_the_default(
     programs: Programs, echo_server: str, unix_echo_server: str, tmp_path: Path
 ) -> None:
-    env = hosts(tmp_path, "127.0.0.1 localhost\n::1 localhost\n")
+    env = resolver_env(tmp_path, "127.0.0.1 localhost\n::1 localhost\n")
     _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "127.0.0.1:*", env=env)
     port = echo_server.rsplit(":", 1)[1]
     assert forward_echo(url, echo_server, payload=b"allowed") == b"allowed"
@@ -206,23 +198,22 @@ class Patterned:
 
 
 @pytest.fixture(scope="module")
-def patterned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Patterned]:
-    directory = Path(tempfile.mkdtemp(prefix="gf-", dir="/tmp"))  # short: unix socket paths
-    inside = str(directory / "allowed")
-    os.mkdir(inside)
-    env = hosts(tmp_path_factory.mktemp("hosts"),
-                "127.0.0.1 10.0.0.attacker.example 1 guest.test\n")
-    programs = Programs()
-    try:
-        with Guest(echo_until_eof) as echo, Guest(echo_until_eof, f"{inside}/guest.sock"), \
-                Guest(echo_until_eof, str(directory / "secret.sock")):
-            _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "10.0.0.*:*",
-                                       "--allow", "[::1]:*", "--allow", f"unix:{inside}/*",
-                                       "--allow", echo.target, env=env)
-            yield Patterned(url, inside, echo.target)
-    finally:
-        programs.close()
-        shutil.rmtree(directory)
+def patterned() -> Iterator[Patterned]:
+    with tempfile.TemporaryDirectory(prefix="gf-", dir="/tmp") as name:  # short: socket paths
+        directory = Path(name)
+        inside = str(directory / "allowed")
+        os.mkdir(inside)
+        env = resolver_env(directory, "127.0.0.1 10.0.0.attacker.example 1 guest.test\n")
+        programs = Programs()
+        try:
+            with Guest(echo_until_eof) as echo, Guest(echo_until_eof, f"{inside}/guest.sock"), \
+                    Guest(echo_until_eof, str(directory / "secret.sock")):
+                _, [url] = programs.daemon("--listen", "127.0.0.1:0", "--allow", "10.0.0.*:*",
+                                           "--allow", "[::1]:*", "--allow", f"unix:{inside}/*",
+                                           "--allow", echo.target, env=env)
+                yield Patterned(url, inside, echo.target)
+        finally:
+            programs.close()
 
 
 @pytest.mark.parametrize("bypass", [
@@ -252,7 +243,7 @@ def test_allow_still_allows_what_it_names(patterned: Patterned) -> None:
 def test_the_loopback_default_trusts_names_through_their_addresses_only(
     programs: Programs, echo_server: str, tmp_path: Path
 ) -> None:
-    env = hosts(tmp_path, "0.0.0.0 localhost\n127.0.0.1 guest.test mixed.test\n"
+    env = resolver_env(tmp_path, "0.0.0.0 localhost\n127.0.0.1 guest.test mixed.test\n"
                           "0.0.0.0 mixed.test\n")
     _, [url] = programs.daemon("--listen", "127.0.0.1:0", env=env)
     port = echo_server.rsplit(":", 1)[1]

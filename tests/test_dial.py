@@ -205,12 +205,10 @@ def test_a_daemon_name_whose_first_address_is_blackholed(
     tunnel opens one attempt delay later, well inside the dial's bound."""
     if not ipv6_loopback():
         pytest.skip("no IPv6 on this machine")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("::1 daemon.test\n127.0.0.1 daemon.test\n")
     with blackhole("::1") as port, gforward.daemon.start(listen=[f"127.0.0.1:{port}"]):
         cli = gforward_cli(programs, "sbox-1", f"127.0.0.1:0:{http_guest}", "--url",
                            f"http://daemon.test:{port}", "--dial-timeout", "5",
-                           env=resolver_env(hosts))
+                           env=resolver_env(tmp_path, "::1 daemon.test\n127.0.0.1 daemon.test\n"))
         [(local, _, _)] = announced_listeners(cli)
         began = time.monotonic()
         assert http_get(local, "/eyeballs") == "guest says /eyeballs"
@@ -225,10 +223,9 @@ def test_a_hung_lookup_holds_one_thread_however_many_tunnels_wait(
 ) -> None:
     """While the resolver hangs, every tunnel fails at its dial bound, and the threads of
     gevent's pool that the lookups hold stay at one."""
-    hosts = tmp_path / "hosts"
-    hosts.write_text("stall daemon.test\n")
     cli = gforward_cli(programs, "sbox-1", "127.0.0.1:0:127.0.0.1:9", "--url",
-                       "http://daemon.test:8081", "--dial-timeout", "1", env=resolver_env(hosts))
+                       "http://daemon.test:8081", "--dial-timeout", "1",
+                       env=resolver_env(tmp_path, "stall daemon.test\n"))
     [(local, _, _)] = announced_listeners(cli)
     host, port = local.rsplit(":", 1)
     tasks = Path(f"/proc/{cli.popen.pid}/task")
