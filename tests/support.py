@@ -18,7 +18,6 @@ import socket
 import ssl
 import sys
 import sysconfig
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -384,28 +383,3 @@ def watch_end(sock: socket.socket, timeout: float = WAIT) -> End:
     except socket.timeout:
         pytest.fail(f"the local connection was still open after {timeout:g} s")
     return End("EOF", bytes(data), time.monotonic())
-
-
-# Slow guests -----------------------------------------------------------------------------
-
-
-NEVER = threading.Event()  # set by no one: a guest that waits on it never answers
-
-
-def slow_reply(delay: float, done: threading.Event = NEVER) -> Callable[[socket.socket], None]:
-    """A guest that reads the request to its end, thinks `delay` seconds (or until `done`,
-    so that a test that cuts the tunnel need not wait for it), and answers."""
-    def handler(sock: socket.socket) -> None:
-        request = read_to_eof(sock)
-        if not done.wait(delay):
-            sock.sendall(b"reply to " + request)
-
-    return handler
-
-
-def ask(sock: socket.socket, tunnels_open: Callable[[], int]) -> None:
-    """Send a slow guest the whole request (b"question", then EOF) and wait until its
-    tunnel is open (`tunnels_open()` is 1)."""
-    sock.sendall(b"question")
-    sock.shutdown(socket.SHUT_WR)
-    assert wait_until(lambda: tunnels_open() == 1, IO_TIMEOUT)

@@ -3,12 +3,13 @@ at run time, and the command line's SIGUSR1, --drain and --wait-ready."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,9 +19,9 @@ from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.guest import Guest
 from tests.peers.programs import Program, Programs
 from tests.support import (
+    IO_TIMEOUT,
     WAIT,
     announced_listeners,
-    ask,
     blackhole,
     can_bind,
     closed_port,
@@ -33,7 +34,6 @@ from tests.support import (
     read_exact,
     read_to_eof,
     refused,
-    slow_reply,
     wait_until,
     watch_end,
 )
@@ -51,6 +51,28 @@ def isolation(request: pytest.FixtureRequest) -> str:
 
 def stats_of(fwd: gforward.Forwarder, index: int = 0) -> gforward.ListenerStats:
     return fwd.stats().listeners[index]
+
+
+NEVER = threading.Event()  # set by no one: a guest that waits on it never answers
+
+
+def slow_reply(delay: float, done: threading.Event = NEVER) -> Callable[[socket.socket], None]:
+    """A guest that reads the request to its end, thinks `delay` seconds (or until `done`,
+    so that a test that cuts the tunnel need not wait for it), and answers."""
+    def handler(sock: socket.socket) -> None:
+        request = read_to_eof(sock)
+        if not done.wait(delay):
+            sock.sendall(b"reply to " + request)
+
+    return handler
+
+
+def ask(sock: socket.socket, tunnels_open: Callable[[], int]) -> None:
+    """Send a slow guest the whole request (b"question", then EOF) and wait until its
+    tunnel is open (`tunnels_open()` is 1)."""
+    sock.sendall(b"question")
+    sock.shutdown(socket.SHUT_WR)
+    assert wait_until(lambda: tunnels_open() == 1, IO_TIMEOUT)
 
 
 # Stats ---------------------------------------------------------------------------------
@@ -316,9 +338,7 @@ def cli_with_one_tunnel_waiting(programs: Programs, guest: Guest, *flags: str
     [(local, _, _)] = announced_listeners(cli)
     host, port = local.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=WAIT)
-    sock.sendall(b"question")
-    sock.shutdown(socket.SHUT_WR)
-    time.sleep(0.3)  # the tunnel is open
+    ask(sock, lambda: guest.accepted)  # the daemon reached the guest: the tunnel is open
     return cli, sock
 
 
@@ -381,18 +401,26 @@ def test_close_ends_the_tunnels_of_a_listener_being_removed(
             assert not removing.is_alive()
 
 
+@contextlib.contextmanager
+def closed_during_wait_ready(fwd: gforward.Forwarder) -> Iterator[None]:
+    """wait_ready() runs in a thread while the block runs; the close() that follows must
+    make it say False at once."""
+    answers: list[bool] = []
+    waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
+    waiting.start()
+    yield
+    began = time.monotonic()
+    fwd.close()
+    waiting.join(WAIT)
+    assert answers == [False]
+    assert time.monotonic() - began < 3.0
+
+
 def test_close_stops_a_wait_ready_whose_probe_is_still_dialling(isolation: str) -> None:
     with blackhole() as port, \
-            forward(f"http://127.0.0.1:{port}", dial_timeout=30, isolation=isolation) as fwd:
-        answers: list[bool] = []
-        waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
-        waiting.start()
+            forward(f"http://127.0.0.1:{port}", dial_timeout=30, isolation=isolation) as fwd, \
+            closed_during_wait_ready(fwd):
         time.sleep(0.5)  # the probe is in its connect(), which nothing answers
-        began = time.monotonic()
-        fwd.close()
-        waiting.join(WAIT)
-        assert answers == [False]
-        assert time.monotonic() - began < 3.0
 
 
 def test_close_stops_a_wait_ready_whose_other_probe_is_still_dialling(isolation: str) -> None:
@@ -406,15 +434,8 @@ def test_close_stops_a_wait_ready_whose_other_probe_is_still_dialling(isolation:
 
     specs = ["127.0.0.1:0:127.0.0.1:1", "127.0.0.1:0:127.0.0.1:2"]
     with FakeDaemon(reach_the_first_only) as fake, \
-            forward(fake.url, specs=specs, dial_timeout=30, isolation=isolation) as fwd:
-        answers: list[bool] = []
-        waiting = threading.Thread(target=lambda: answers.append(fwd.wait_ready(60)))
-        waiting.start()
+            forward(fake.url, specs=specs, dial_timeout=30, isolation=isolation) as fwd, \
+            closed_during_wait_ready(fwd):
         assert wait_until(lambda: len(fake.peers) == 2 and any(p.eof.is_set() for p in fake.peers),
-                   WAIT)
+                          WAIT)
         assert [p.eof.is_set() for p in fake.peers].count(True) == 1  # the first probe is done
-        began = time.monotonic()
-        fwd.close()
-        waiting.join(WAIT)
-        assert answers == [False]
-        assert time.monotonic() - began < 3.0

@@ -42,6 +42,11 @@ class ThreadedServer:
         return int(self.address[1])
 
     @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        return self._count
+
+    @property
     def where(self) -> str:
         """The unix socket's path, or "host:port" ("[host]:port" for IPv6)."""
         if isinstance(self.address, str):
