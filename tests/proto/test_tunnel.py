@@ -23,11 +23,13 @@ def close_frame(code: int, *, client: bool = True) -> bytes:
     return peer_frame(OP_CLOSE, struct.pack("!H", code), client=client)
 
 
-def sent_frames(tunnel: Tunnel, *, client: bool = True) -> list[tuple[Opcode, bytes]]:
-    """Everything queued for the WebSocket, as wsproto (the peer) parses it; the queue is
-    then taken, as a driver that wrote it all would."""
+def sent_frames(tunnel: Tunnel, *, client: bool = True, skip: int = 0
+                ) -> list[tuple[Opcode, bytes]]:
+    """Everything queued for the WebSocket, as wsproto (the peer) parses it, after the first
+    `skip` bytes (the rest of a frame the driver had started); the queue is then taken, as
+    a driver that wrote it all would."""
     proto = FrameProtocol(client=not client, extensions=[])
-    proto.receive_bytes(b"".join(bytes(b) for b in tunnel.to_ws))
+    proto.receive_bytes(b"".join(bytes(b) for b in tunnel.to_ws)[skip:])
     tunnel.to_ws.clear()
     found = []
     for frame in proto.received_frames():
@@ -83,11 +85,8 @@ def test_a_peer_that_pings_and_reads_nothing_cannot_grow_the_queue() -> None:
     for i in range(1000):
         tunnel.ws_data(peer_frame(OP_PING, b"%d" % i) * 50, 0.0)  # 50 Pings a read
         assert len(tunnel.to_ws) <= 4
-    rest = b"".join(bytes(b) for b in tunnel.to_ws)
-    proto = FrameProtocol(client=False, extensions=[])
-    proto.receive_bytes(rest[2 + 4 + 100 - 3:])  # what is left of the data frame, skipped
-    assert [(f.opcode, bytes(f.payload)) for f in proto.received_frames()] == [
-        (Opcode.PONG, b"999")]
+    left = 2 + 4 + 100 - 3  # what is left of the data frame, skipped
+    assert sent_frames(tunnel, skip=left) == [(Opcode.PONG, b"999")]
 
 
 def test_local_eof_sends_close_after_what_came_before_and_the_reply_still_arrives() -> None:
@@ -176,11 +175,8 @@ def test_ping_is_answered_after_the_frame_being_written_and_before_the_rest() ->
     tunnel.plain_data(b"b" * 1000)
     consume(tunnel.to_ws, 500)  # the driver got half of the first frame out
     tunnel.ws_data(peer_frame(OP_PING, b"are you there"), 0.0)
-    rest = b"".join(bytes(b) for b in tunnel.to_ws)
     first_left = 1000 + 8 - 500  # header (2 + 2 + 4 mask) and payload, less what went
-    proto = FrameProtocol(client=False, extensions=[])
-    proto.receive_bytes(rest[first_left:])
-    assert [f.opcode for f in proto.received_frames()] == [Opcode.PONG, Opcode.BINARY]
+    assert [op for op, _ in sent_frames(tunnel, skip=first_left)] == [Opcode.PONG, Opcode.BINARY]
 
 
 def test_pings_after_both_closes_are_not_answered() -> None:
@@ -212,10 +208,7 @@ def test_a_ping_waits_for_a_header_cut_into() -> None:
     tunnel.plain_data(b"a" * 1000)
     consume(tunnel.to_ws, 2)  # half of the 2 + 2 + 4 byte header went
     tunnel.ws_data(peer_frame(OP_PING, b"?"), 0.0)
-    rest = b"".join(bytes(b) for b in tunnel.to_ws)
-    proto = FrameProtocol(client=False, extensions=[])
-    proto.receive_bytes(rest[6 + 1000:])
-    assert [f.opcode for f in proto.received_frames()] == [Opcode.PONG]
+    assert [op for op, _ in sent_frames(tunnel, skip=6 + 1000)] == [Opcode.PONG]
 
 
 # Keepalive, with a fake clock ---------------------------------------------------------
