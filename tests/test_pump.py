@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import gforward
 import gforward.daemon
@@ -37,6 +38,21 @@ def test_thousands_of_one_byte_frames_in_one_read_arrive_intact() -> None:
 
     with FakeDaemon(chatty) as fake, forward(fake.url) as fwd, connect(fwd) as sock:
         assert read_to_eof(sock) == expected
+
+
+def digest_guest(*, stall: float = 0.0, read: int = 1 << 20, sip: float = 0.0
+                 ) -> Callable[[socket.socket], None]:
+    """A guest that waits `stall` seconds, reads everything, `read` bytes at most per recv
+    and `sip` seconds apart, then answers with its SHA-256 in hex."""
+    def handler(sock: socket.socket) -> None:
+        received = hashlib.sha256()
+        time.sleep(stall)
+        while data := sock.recv(read):
+            received.update(data)
+            time.sleep(sip)
+        sock.sendall(received.hexdigest().encode())
+
+    return handler
 
 
 def test_a_reply_seven_seconds_after_the_half_close_arrives_whole(
@@ -75,17 +91,9 @@ def test_a_local_reader_that_stalls_loses_nothing(daemon: gforward.daemon.Daemon
 
 
 def test_a_guest_that_stalls_loses_nothing(daemon: gforward.daemon.Daemon) -> None:
-    received = hashlib.sha256()
-
-    def stalls_then_reads(sock: socket.socket) -> None:
-        time.sleep(STALL)
-        while data := sock.recv(1 << 20):
-            received.update(data)
-        sock.sendall(received.hexdigest().encode())
-
     sent = hashlib.sha256()
     block = os.urandom(1 << 20)
-    with Guest(stalls_then_reads) as guest, forward(daemon.url, guest.target,
+    with Guest(digest_guest(stall=STALL)) as guest, forward(daemon.url, guest.target,
                                                     **KEEPALIVE) as fwd, \
             connect(fwd, timeout=20) as sock:
         for _ in range(BIG // len(block)):
@@ -147,15 +155,8 @@ def test_a_guest_that_reads_slowly_for_long_keeps_its_tunnel(
         daemon: gforward.daemon.Daemon) -> None:
     """The upload sits in kernel buffers on the way, a Ping queued behind it, and the
     guest takes it in small sips for several ping timeouts: flow control, not silence."""
-    received = hashlib.sha256()
-
-    def sips(sock: socket.socket) -> None:
-        while data := sock.recv(64 * 1024):
-            received.update(data)
-            time.sleep(0.02)  # about 3 MB/s
-        sock.sendall(received.hexdigest().encode())
-
     upload = os.urandom(8 << 20)
+    sips = digest_guest(read=64 * 1024, sip=0.02)  # about 3 MB/s
     with Guest(sips) as guest, forward(daemon.url, guest.target, **KEEPALIVE) as fwd, \
             connect(fwd, timeout=30) as sock:
         sock.sendall(upload)
