@@ -234,21 +234,28 @@ def fetch(where: int | str, seed: int, size: int, timeout: float = 15.0) -> int:
 
     Returns the number of bytes checked; raises AssertionError on any difference.
     """
+    fetch_headers(where, seed, size, timeout)
+    return size  # the body equalled blob(seed, size)
+
+
+def fetch_headers(where: int | str, seed: int, size: int,
+                  timeout: float = 15.0) -> http.client.HTTPMessage:
+    """fetch(), returning the reply's headers instead."""
     path = f"/blob/{seed}/{size}"
     if isinstance(where, int):
         with urllib.request.urlopen(f"http://127.0.0.1:{where}{path}", timeout=timeout) as resp:
-            status, body = resp.status, resp.read()
+            status, headers, body = resp.status, resp.headers, resp.read()
     else:
         conn = _UnixHTTPConnection(where, timeout)
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
-            status, body = resp.status, resp.read()
+            status, headers, body = resp.status, resp.headers, resp.read()
         finally:
             conn.close()
     assert status == 200, f"{path} via {where}: status {status}"
     assert body == blob(seed, size), f"{path} via {where}: {len(body)} bytes, content differs"
-    return len(body)
+    return headers
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
