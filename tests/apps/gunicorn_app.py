@@ -17,7 +17,6 @@ with post_worker_init never.  Prints what it checked; exit 0 only if it held.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -41,30 +40,10 @@ APPS = os.path.dirname(os.path.abspath(__file__))
 say = support.say
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=15)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def get(path: str, seed: int, size: int) -> str:
     """One request through gunicorn; the answering worker's pid (AssertionError if the
     body is not the guest's)."""
-    conn = UnixHTTPConnection(path)
-    try:
-        conn.request("GET", f"/blob/{seed}/{size}")
-        reply = conn.getresponse()
-        body = reply.read()
-        assert reply.status == 200, f"status {reply.status}"
-        assert body == support.blob(seed, size), f"{len(body)} bytes, content differs"
-        return reply.headers["X-Worker"]
-    finally:
-        conn.close()
+    return support.fetch_headers(path, seed, size, timeout=15)["X-Worker"]
 
 
 def clean_env(**more: str) -> dict[str, str]:

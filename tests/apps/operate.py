@@ -41,19 +41,13 @@ class _Thinker(socketserver.BaseRequestHandler):
         self.request.sendall(REPLY if got == REQUEST else b"?")
 
 
-class _Guest(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 def main() -> int:
     support.watchdog(40)
     problems: list[str] = []
-    guest = _Guest(("127.0.0.1", 0), _Thinker)
-    threading.Thread(target=guest.serve_forever, args=(0.05,), daemon=True).start()
+    guest = support.start_guest(_Thinker)
     daemon = gforward.daemon.start()
     fwd = gforward.start(base_url=daemon.url, vm_name="ops",
-                         specs=[f"127.0.0.1:0:127.0.0.1:{guest.server_address[1]}"])
+                         specs=[f"127.0.0.1:0:{guest}"])
     port = fwd.listeners[0].port
     replies: list[bytes] = []
 
@@ -98,7 +92,6 @@ def main() -> int:
     if (stats.bytes_up, stats.bytes_down) != (len(REQUEST), len(REPLY)):
         problems.append(f"stats counted {stats.bytes_up} up, {stats.bytes_down} down")
     daemon.close()
-    guest.shutdown()
     return support.verdict(problems)
 
 

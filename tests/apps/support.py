@@ -132,7 +132,7 @@ class _EchoHandler(socketserver.BaseRequestHandler):
             pass
 
 
-class _EchoGuest(socketserver.ThreadingTCPServer):
+class _TCPGuest(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
@@ -153,9 +153,15 @@ def start_http_guest() -> str:
     return _start(_HTTPGuest(("127.0.0.1", 0), _BlobPage))
 
 
+def start_guest(handler: type[socketserver.BaseRequestHandler]) -> str:
+    """A TCP guest, a thread (greenlet) per connection running `handler`, until the
+    process ends; returns its "127.0.0.1:port"."""
+    return _start(_TCPGuest(("127.0.0.1", 0), handler))
+
+
 def start_echo_guest() -> str:
     """An echo guest, until the process ends; returns its "127.0.0.1:port"."""
-    return _start(_EchoGuest(("127.0.0.1", 0), _EchoHandler))
+    return start_guest(_EchoHandler)
 
 
 class GuestProcess:
@@ -203,7 +209,7 @@ def http_guest() -> Iterator[str]:
 @contextmanager
 def echo_guest() -> Iterator[str]:
     """An echo guest; yields its "127.0.0.1:port"."""
-    with _serving(_EchoGuest(("127.0.0.1", 0), _EchoHandler)) as where:
+    with _serving(_TCPGuest(("127.0.0.1", 0), _EchoHandler)) as where:
         yield where
 
 
@@ -228,21 +234,28 @@ def fetch(where: int | str, seed: int, size: int, timeout: float = 15.0) -> int:
 
     Returns the number of bytes checked; raises AssertionError on any difference.
     """
+    fetch_headers(where, seed, size, timeout)
+    return size  # the body equalled blob(seed, size)
+
+
+def fetch_headers(where: int | str, seed: int, size: int,
+                  timeout: float = 15.0) -> http.client.HTTPMessage:
+    """fetch(), returning the reply's headers instead."""
     path = f"/blob/{seed}/{size}"
     if isinstance(where, int):
         with urllib.request.urlopen(f"http://127.0.0.1:{where}{path}", timeout=timeout) as resp:
-            status, body = resp.status, resp.read()
+            status, headers, body = resp.status, resp.headers, resp.read()
     else:
         conn = _UnixHTTPConnection(where, timeout)
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
-            status, body = resp.status, resp.read()
+            status, headers, body = resp.status, resp.headers, resp.read()
         finally:
             conn.close()
     assert status == 200, f"{path} via {where}: status {status}"
     assert body == blob(seed, size), f"{path} via {where}: {len(body)} bytes, content differs"
-    return len(body)
+    return headers
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
