@@ -4,10 +4,10 @@ in a helper process, the Forwarder's API across the process boundary.
 The helper's life: gone after close(), after the app exits without closing, after
 the app is killed (SIGKILL), and when the app's parent dies while a forked child
 lives; its unix socket files removed each time.  Errors at start() as in thread
-mode, with nothing left bound and no helper left.  stats, wait_ready, add/remove
-and close(drain=...) across the boundary (short versions of test_operations.py's),
-and the helper's log records in the app's logger.  Real sockets, real processes
-(tests/apps/isolated.py for the app's own deaths).
+mode, with nothing left bound and no helper left.  The helper's log records in a
+logger of the app's own.  Every operation (stats, wait_ready, add/remove,
+close(drain=...)) and what it logs: tests/test_operations.py, in both modes.  Real
+sockets, real processes (tests/apps/isolated.py for the app's own deaths).
 """
 
 from __future__ import annotations
@@ -384,23 +384,6 @@ def test_an_ssl_context_cannot_cross_to_a_helper(daemon: gforward.daemon.Daemon)
 
 
 # Logging across the boundary (every operation: tests/test_operations.py, in both modes) --
-
-
-def test_a_refused_tunnel_is_counted_and_logged_in_the_apps_logger(
-        echo_server: str, gflog: pytest.LogCaptureFixture) -> None:
-    with gforward.daemon.start(token="right") as daemon, \
-            isolated(daemon.url, echo_server, token="wrong") as fwd:
-        assert refused(fwd)
-        assert wait_until(lambda: fwd.stats().tunnels_failed == 1, WAIT)
-        stats = fwd.stats()
-        assert wait_until(lambda: any("401" in m for m in warnings_of(gflog)), WAIT)
-    assert stats.failures == {"http 401": 1}
-    [warning] = [m for m in warnings_of(gflog) if "401" in m]
-    assert warning.startswith("tunnel 127.0.0.1:") and "failed" in warning
-    assert "wrong" not in warning  # the token stays out of the log, across the boundary too
-    infos = [r.getMessage() for r in gflog.records
-             if r.name == "gforward" and r.levelno == logging.INFO]
-    assert any(m.startswith("listening on 127.0.0.1:") for m in infos)  # logged during start
 
 
 def test_a_logger_of_the_apps_own_gets_the_helpers_records(
