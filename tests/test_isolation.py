@@ -294,7 +294,8 @@ def test_the_helpers_death_is_logged(daemon: gforward.daemon.Daemon,
     try:
         os.kill(helper, signal.SIGKILL)
         assert fwd.wait(GONE_WITHIN) is True
-        time.sleep(0.2)
+        assert wait_until(lambda: any(str(helper) in m or "helper" in m
+                                      for m in warnings_of(gflog)), WAIT)
         assert any(str(helper) in m or "helper" in m for m in warnings_of(gflog)), \
             warnings_of(gflog)
     finally:
