@@ -4,10 +4,10 @@ in a helper process, the Forwarder's API across the process boundary.
 The helper's life: gone after close(), after the app exits without closing, after
 the app is killed (SIGKILL), and when the app's parent dies while a forked child
 lives; its unix socket files removed each time.  Errors at start() as in thread
-mode, with nothing left bound and no helper left.  stats, wait_ready, add/remove
-and close(drain=...) across the boundary (short versions of test_operations.py's),
-and the helper's log records in the app's logger.  Real sockets, real processes
-(tests/apps/isolated.py for the app's own deaths).
+mode, with nothing left bound and no helper left.  The helper's log records in a
+logger of the app's own.  Every operation (stats, wait_ready, add/remove,
+close(drain=...)) and what it logs: tests/test_operations.py, in both modes.  Real
+sockets, real processes (tests/apps/isolated.py for the app's own deaths).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import queue
 import signal
 import socket
 import ssl
@@ -26,14 +25,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 import gforward
 import gforward.daemon
 from gforward.isolated import IsolatedForwarder
-from tests.peers.programs import READ_TIMEOUT, clean_env
+from tests.peers.programs import READ_TIMEOUT, Program, Programs, clean_env
 from tests.support import (
     APPS,
     WAIT,
@@ -104,78 +102,51 @@ def reaped(pid: int, timeout: float) -> int | None:
         time.sleep(0.02)
 
 
-class App:
-    """tests/apps/isolated.py in a session of its own: stdout lines read with a timeout,
-    its whole process group killed at the end (a helper too, if it outlived the test)."""
+def lines(text: str) -> list[str]:
+    """`text` line by line as its stream gave them: split at newlines only."""
+    return text.removesuffix("\n").split("\n") if text else []
 
-    def __init__(self, mode: str, url: str, target: str, directory: str) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, str(APPS / "isolated.py"), mode, url, target, directory],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=str(APPS.parent.parent), env=clean_env(), start_new_session=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.out: list[str] = []
-        self.err: list[str] = []
-        assert self.popen.stdout is not None and self.popen.stderr is not None
-        self.readers = [threading.Thread(target=self._read, args=(self.popen.stdout, True),
-                                         daemon=True),
-                        threading.Thread(target=self._read, args=(self.popen.stderr, False),
-                                         daemon=True)]
-        for reader in self.readers:
-            reader.start()
+
+class App:
+    """tests/apps/isolated.py (see `run`) once it has said where its forwarder listens."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.popen = program.popen
         self.helper = int(self.expect("helper ").split()[1])
         self.port = int(self.expect("port ").split()[1])
         self.unix = self.expect("unix ").split()[1]
 
-    def _read(self, stream: IO[str], out: bool) -> None:
-        for line in stream:
-            (self.out if out else self.err).append(line.rstrip("\n"))
-            if out:
-                self.lines.put(line.rstrip("\n"))
-        if out:
-            self.lines.put(None)
+    @property
+    def out(self) -> list[str]:
+        """Its stdout lines so far, those `expect` passed over too."""
+        return lines(self.program.stdout)
+
+    @property
+    def err(self) -> list[str]:
+        return lines(self.program.stderr)
 
     def expect(self, start: str, timeout: float = READ_TIMEOUT) -> str:
         """The next line starting with `start` (earlier ones are kept in `out`)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                pytest.fail(f"no line {start!r} in {timeout:g} s: {self.out} {self.err}")
-            if line is None:
-                pytest.fail(f"the app ended before {start!r}: {self.out} {self.err}")
+                line = self.program.readline(max(deadline - time.monotonic(), 0.01))
+            except AssertionError as exc:  # no line in time, or the app ended
+                pytest.fail(f"no line {start!r} in {timeout:g} s: {exc}; stdout: {self.out}")
             if line.startswith(start):
                 return line
 
     def finish(self, timeout: float = 30) -> int:
-        status = self.popen.wait(timeout)
-        for reader in self.readers:
-            reader.join(READ_TIMEOUT)
-        return status
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(READ_TIMEOUT)
+        return self.program.finish(timeout)
 
 
-@pytest.fixture
-def apps() -> Iterator[list[App]]:
-    """Every app a test runs, its process group killed at the end."""
-    every: list[App] = []
-    try:
-        yield every
-    finally:
-        for app in every:
-            app.kill_group()
-
-
-def run(apps: list[App], mode: str, daemon: gforward.daemon.Daemon, target: str,
+def run(programs: Programs, mode: str, daemon: gforward.daemon.Daemon, target: str,
         directory: str) -> App:
-    app = App(mode, daemon.url, target, directory)
-    apps.append(app)
-    return app
+    """tests/apps/isolated.py MODE in a session of its own: its whole process group is
+    killed at the test's end (a forked child too, if it outlived the test)."""
+    return App(programs.run(sys.executable, str(APPS / "isolated.py"), mode, daemon.url,
+                            target, directory, cwd=str(APPS.parent.parent), new_session=True))
 
 
 # The helper's life ---------------------------------------------------------------------
@@ -204,8 +175,8 @@ def test_a_helper_serves_and_is_gone_after_close(daemon: gforward.daemon.Daemon,
 
 def test_the_helper_ends_when_the_app_exits_without_closing(
         daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
-        apps: list[App]) -> None:
-    app = run(apps, "exit", daemon, echo_server, short_tmp)
+        programs: Programs) -> None:
+    app = run(programs, "exit", daemon, echo_server, short_tmp)
     assert app.finish() == 0, (app.out, app.err)
     assert app.out[-1] == "ok" and app.err == [], (app.out, app.err)
     assert state(app.helper) == "gone"  # the exit hook closed it and waited for it
@@ -215,9 +186,9 @@ def test_the_helper_ends_when_the_app_exits_without_closing(
 
 def test_the_helper_ends_when_the_app_is_killed(
         daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
-        apps: list[App]) -> None:
+        programs: Programs) -> None:
     with adopting_orphans():
-        app = run(apps, "kill", daemon, echo_server, short_tmp)
+        app = run(programs, "kill", daemon, echo_server, short_tmp)
         app.expect("ready")
         os.kill(app.popen.pid, signal.SIGKILL)  # the app alone, not its group
         app.finish()
@@ -230,9 +201,9 @@ def test_the_helper_ends_when_the_app_is_killed(
 
 def test_a_forked_child_is_detached_and_the_helper_still_ends_with_the_parent(
         daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
-        apps: list[App]) -> None:
+        programs: Programs) -> None:
     with adopting_orphans():
-        app = run(apps, "fork", daemon, echo_server, short_tmp)
+        app = run(programs, "fork", daemon, echo_server, short_tmp)
         child = int(app.expect("child ").split()[1])
         app.expect("ready")
         assert app.out[-4] == ("child: detached True, closed True, wait True,"
@@ -256,8 +227,8 @@ def test_a_forked_child_is_detached_and_the_helper_still_ends_with_the_parent(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_apps_process_group_is_the_apps_to_handle(
         sig: signal.Signals, daemon: gforward.daemon.Daemon, echo_server: str,
-        short_tmp: str, apps: list[App]) -> None:
-    app = run(apps, "signal", daemon, echo_server, short_tmp)
+        short_tmp: str, programs: Programs) -> None:
+    app = run(programs, "signal", daemon, echo_server, short_tmp)
     app.expect("ready")
     os.killpg(app.popen.pid, sig)  # as a terminal's Ctrl-C, or `kill -TERM -PGID`
     status = app.finish()
@@ -275,8 +246,8 @@ def test_a_signal_to_the_apps_process_group_is_the_apps_to_handle(
 
 def test_an_isolated_forwarder_in_a_patched_app(daemon: gforward.daemon.Daemon,
                                                 echo_server: str, short_tmp: str,
-                                                apps: list[App]) -> None:
-    app = run(apps, "patched", daemon, echo_server, short_tmp)
+                                                programs: Programs) -> None:
+    app = run(programs, "patched", daemon, echo_server, short_tmp)
     app.finish()
     assert "stats after 0.5 s: 2" in app.out, (app.out, app.err)
     assert "serves after 0.5 s: True" in app.out, (app.out, app.err)
@@ -286,8 +257,8 @@ def test_an_isolated_forwarder_in_a_patched_app(daemon: gforward.daemon.Daemon,
 
 def test_wait_in_a_patched_app_lets_other_greenlets_close_it(
         daemon: gforward.daemon.Daemon, echo_server: str, short_tmp: str,
-        apps: list[App]) -> None:
-    app = run(apps, "patched-wait", daemon, echo_server, short_tmp)
+        programs: Programs) -> None:
+    app = run(programs, "patched-wait", daemon, echo_server, short_tmp)
     app.finish()
     line = next(line for line in app.out if line.startswith("wait: "))
     assert line.startswith("wait: True after 0."), (app.out, app.err)
@@ -323,7 +294,8 @@ def test_the_helpers_death_is_logged(daemon: gforward.daemon.Daemon,
     try:
         os.kill(helper, signal.SIGKILL)
         assert fwd.wait(GONE_WITHIN) is True
-        time.sleep(0.2)
+        assert wait_until(lambda: any(str(helper) in m or "helper" in m
+                                      for m in warnings_of(gflog)), WAIT)
         assert any(str(helper) in m or "helper" in m for m in warnings_of(gflog)), \
             warnings_of(gflog)
     finally:
@@ -413,23 +385,6 @@ def test_an_ssl_context_cannot_cross_to_a_helper(daemon: gforward.daemon.Daemon)
 
 
 # Logging across the boundary (every operation: tests/test_operations.py, in both modes) --
-
-
-def test_a_refused_tunnel_is_counted_and_logged_in_the_apps_logger(
-        echo_server: str, gflog: pytest.LogCaptureFixture) -> None:
-    with gforward.daemon.start(token="right") as daemon, \
-            isolated(daemon.url, echo_server, token="wrong") as fwd:
-        assert refused(fwd)
-        assert wait_until(lambda: fwd.stats().tunnels_failed == 1, WAIT)
-        stats = fwd.stats()
-        assert wait_until(lambda: any("401" in m for m in warnings_of(gflog)), WAIT)
-    assert stats.failures == {"http 401": 1}
-    [warning] = [m for m in warnings_of(gflog) if "401" in m]
-    assert warning.startswith("tunnel 127.0.0.1:") and "failed" in warning
-    assert "wrong" not in warning  # the token stays out of the log, across the boundary too
-    infos = [r.getMessage() for r in gflog.records
-             if r.name == "gforward" and r.levelno == logging.INFO]
-    assert any(m.startswith("listening on 127.0.0.1:") for m in infos)  # logged during start
 
 
 def test_a_logger_of_the_apps_own_gets_the_helpers_records(

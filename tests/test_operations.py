@@ -4,6 +4,7 @@ at run time, and the command line's SIGUSR1, --drain and --wait-ready."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ from tests.support import (
     read_to_eof,
     refused,
     wait_until,
+    warnings_of,
     watch_end,
 )
 
@@ -58,9 +60,13 @@ NEVER = threading.Event()  # set by no one: a guest that waits on it never answe
 
 def slow_reply(delay: float, done: threading.Event = NEVER) -> Callable[[socket.socket], None]:
     """A guest that reads the request to its end, thinks `delay` seconds (or until `done`,
-    so that a test that cuts the tunnel need not wait for it), and answers."""
+    so that a test that cuts the tunnel need not wait for it), and answers.  A cut that
+    reaches it before the request's end resets it: the test checks what its client saw."""
     def handler(sock: socket.socket) -> None:
-        request = read_to_eof(sock)
+        try:
+            request = read_to_eof(sock)
+        except ConnectionResetError:
+            return
         if not done.wait(delay):
             sock.sendall(b"reply to " + request)
 
@@ -102,16 +108,28 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
     assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
 
 
-def test_a_refused_upgrade_is_counted_under_its_status(echo_server: str, isolation: str) -> None:
+def test_a_refused_upgrade_is_counted_under_its_status_and_logged(
+        echo_server: str, isolation: str, gflog: pytest.LogCaptureFixture) -> None:
+    def refusals() -> list[str]:
+        return [m for m in warnings_of(gflog) if "401" in m]
+
     with gforward.daemon.start(token="right") as daemon, \
             forward(daemon.url, echo_server, token="wrong", isolation=isolation) as fwd:
         assert refused(fwd)
         assert refused(fwd)
         assert wait_until(lambda: fwd.stats().tunnels_failed == 2, WAIT)
         stats = fwd.stats()
+        assert wait_until(lambda: len(refusals()) >= 2, WAIT)  # a helper's come a little later
     assert stats.failures == {"http 401": 2}
     assert stats.listeners[0].failures == {"http 401": 2}
     assert stats.tunnels_open == 0
+    assert len(refusals()) == 2, refusals()  # one warning for each refused tunnel
+    for warning in refusals():
+        assert warning.startswith("tunnel 127.0.0.1:") and "failed" in warning
+        assert "wrong" not in warning  # the token stays out of the log, from a helper too
+    infos = [r.getMessage() for r in gflog.records
+             if r.name == "gforward" and r.levelno == logging.INFO]
+    assert any(m.startswith("listening on 127.0.0.1:") for m in infos)  # logged during start
 
 
 def test_counters_never_go_backwards_while_tunnels_come_and_go(

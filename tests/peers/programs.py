@@ -1,8 +1,9 @@
 """Programs in processes of their own, run as a user runs them.
 
 * `Program` and `Programs`: stdout read line by line with a timeout, stderr
-  collected, each killed at the test's end (conftest's `programs`), with
-  `clean_env` (no SLICER_* or proxy variables from the caller).
+  collected, each killed at the test's end (conftest's `programs`; with
+  `new_session`, its whole process group), with `clean_env` (no SLICER_* or
+  proxy variables from the caller).
 * `announced`: a program of ours once it has printed where it listens;
   `daemon_process`, the reference daemon that way.
 """
@@ -83,14 +84,20 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class Program:
-    """A subprocess under test: stdout lines read with a timeout, stderr collected."""
+    """A subprocess under test: stdout lines read with a timeout, stderr collected.
+
+    With `new_session` it runs in a session of its own, and close() kills its whole
+    process group: what it forked too, even after it has exited itself.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, new_session: bool = False) -> None:
         self.args = args
+        self.new_session = new_session
         self.popen = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=clean_env() if env is None else env, cwd=cwd, text=True,
+            start_new_session=new_session,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._out: list[str] = []
@@ -131,10 +138,10 @@ class Program:
         return line.rstrip("\n")
 
     def finish(self, timeout: float = READ_TIMEOUT) -> int:
-        """Wait for the exit status, and for all of its output."""
+        """Wait up to `timeout` s for the exit status, then for all of its output."""
         status = self.popen.wait(timeout)
         for reader in self._readers:
-            reader.join(timeout)
+            reader.join(READ_TIMEOUT)
         return status
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -151,7 +158,10 @@ class Program:
         return "".join(line for line in self._err if line is not None)
 
     def close(self) -> None:
-        if self.popen.poll() is None:
+        if self.new_session:
+            with contextlib.suppress(ProcessLookupError):  # no one left in the group
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        elif self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(READ_TIMEOUT)
         for reader in self._readers:
@@ -165,8 +175,8 @@ class Programs:
         self._all: list[Program] = []
 
     def run(self, *args: str, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> Program:
-        program = Program(list(args), env, cwd)
+            cwd: str | None = None, new_session: bool = False) -> Program:
+        program = Program(list(args), env, cwd, new_session)
         self._all.append(program)
         return program
 
