@@ -105,12 +105,8 @@ class Tunnel:
             self._queue_close(exc.code, exc.reason)  # best effort: the peer may be stuck too
             self._end(f"protocol error: {exc.reason}", "protocol")
             return self._reader.received - before
-        pings = [control for control in controls if type(control) is frames.Ping]
-        if pings and not (self._close_sent and self._close_received):  # not once both are out
-            self._pong(pings[-1].payload)
-        for control in controls:
-            if type(control) is frames.Close:
-                self._on_close(control)
+        if controls:
+            self._control(controls)
         return self._reader.received - before
 
     def ws_lost(self, reason: str, *, backlog: bool = False) -> None:
@@ -191,6 +187,16 @@ class Tunnel:
                 and (self._close_sent or self._ws_gone))
 
     # Rules -------------------------------------------------------------------
+
+    def _control(self, controls: list[frames.Control]) -> None:
+        """Act on the control frames of one read: the last Ping is answered, a Close ends
+        or half-closes."""
+        pings = [control for control in controls if type(control) is frames.Ping]
+        if pings and not (self._close_sent and self._close_received):  # not once both are out
+            self._pong(pings[-1].payload)
+        for control in controls:
+            if type(control) is frames.Close:
+                self._on_close(control)
 
     def _on_close(self, close: frames.Close) -> None:
         """The peer is done sending: deliver what came before, then end or half-close."""
