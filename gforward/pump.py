@@ -120,32 +120,36 @@ class Pump:
     # Callbacks, in the hub ----------------------------------------------------
 
     def _plain_readable(self) -> None:
-        self._read(self._take_plain, self._plain_failed, lends_to_ws=True)
+        self._read(plain=True)
 
     def _ws_readable(self) -> None:
-        self._read(self._take_ws, self._ws_failed, lends_to_ws=False)
+        self._read(plain=False)
 
-    def _read(self, take: Callable[[bytearray], None], failed: Callable[[OSError], None], *,
-              lends_to_ws: bool) -> None:
-        """One read into a pooled buffer, from either side: `take` reads and feeds the
-        tunnel, `failed` hears of a socket error.  The buffer stays out of the pool while
-        the queue it fed may still point into it."""
+    def _read(self, *, plain: bool) -> None:
+        """One read into a pooled buffer, from plain or the WebSocket, fed to the tunnel.
+        The buffer stays out of the pool while the queue it fed may still point into it."""
         buf = take_buffer()
         try:
-            take(buf)
+            if plain:
+                self._take_plain(buf)
+            else:
+                self._take_ws(buf)
         except BlockingIOError:
             give_buffer(buf)
             return
         except OSError as exc:  # ssl.SSLError included
-            failed(exc)
+            if plain:
+                self._plain_failed(exc)
+            else:
+                self._ws_failed(exc)
         except Exception as exc:  # a bug: end this tunnel, not the hub
             self._crash(exc)
             give_buffer(buf)
             return
         self._after()
         tunnel = self.tunnel
-        if (tunnel.to_ws if lends_to_ws else tunnel.to_plain) and self._on_end is not None:
-            if lends_to_ws:  # back to the pool once that queue is sent
+        if (tunnel.to_ws if plain else tunnel.to_plain) and self._on_end is not None:
+            if plain:  # back to the pool once that queue is sent
                 self._plain_buf = buf
             else:
                 self._ws_buf = buf
