@@ -7,6 +7,7 @@ One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import itertools
@@ -52,9 +53,11 @@ def open_pump(plain: Any, stream: Stream, tunnel: Tunnel, on_end: Callable[[Pump
 
 
 def set_nodelay(sock: socket.socket) -> None:
-    """Small writes (an echo, a pong) must not wait for Nagle's algorithm."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """Small writes (an echo, a pong) must not wait for Nagle's algorithm.  (Asked
+    without looking at `sock.family` first: that builds an enum member, a few times the
+    cost of the call.)"""
+    with contextlib.suppress(OSError):  # a unix socket: no Nagle to turn off
+        raw(sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def open_websocket(
@@ -184,8 +187,11 @@ def connect_any(addresses: Sequence[Address], track: Callable[[socket.socket], N
     returning or raising, whatever ended the race (a timeout of the caller's included),
     never left to the garbage collector.
     """
-    ordered = interleave(addresses)
-    sock = _attempt(ordered[0], track) if len(ordered) == 1 else _race(ordered, track)
+    if len(addresses) == 1:
+        sock = _attempt(addresses[0], track)
+    else:
+        ordered = interleave(addresses)
+        sock = _attempt(ordered[0], track) if len(ordered) == 1 else _race(ordered, track)
     set_nodelay(sock)
     return sock
 
