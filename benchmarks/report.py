@@ -492,20 +492,26 @@ def print_cpu_breakdown(run: Run) -> None:
     keys = list(dict.fromkeys(k for col in run.raw.values() for k in col))
     for key in keys:
         for column in run.columns:
-            measured = [m for r in run.raw[column.key].get(key, [])
-                        if r is not None and (m := cpu_per_unit(r)) is not None]
-            if not measured:
+            found = cpu_medians(run, column, key)
+            if found is None:
                 continue
-            unit = measured[0][0]
-            cells = []
-            for name in PROCESSES:
-                value = median([cpu.get(name) for _, cpu in measured])
-                if value is None:
-                    continue
-                system = median([cpu.get(f"{name} sys") for _, cpu in measured])
-                cells.append(f"{name} {value:.2f}"
-                             + (f" (sys {system:.2f})" if system is not None else ""))
+            unit, cpu = found
+            cells = [f"{name} {cpu[name]:.2f}"
+                     + (f" (sys {cpu[f'{name} sys']:.2f})" if f"{name} sys" in cpu else "")
+                     for name in PROCESSES if name in cpu]
             print(f"  {key:<15} {unit:<5} {column.title:<27} " + ", ".join(cells))
+
+
+def cpu_medians(run: Run, column: Column, key: str) -> tuple[str, dict[str, float]] | None:
+    """(unit, each process's CPU per unit of workload `key`, and "NAME sys") in one column,
+    medians over rounds; None if it has no CPU figures there."""
+    measured = [m for r in run.raw[column.key].get(key, [])
+                if r is not None and (m := cpu_per_unit(r)) is not None]
+    if not measured:
+        return None
+    names = [n for name in PROCESSES for n in (name, f"{name} sys")]
+    values = {name: median([cpu.get(name) for _, cpu in measured]) for name in names}
+    return measured[0][0], {name: v for name, v in values.items() if v is not None}
 
 
 def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:

@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import procfs, report, scenarios
+from benchmarks import ceilings, procfs, report, scenarios
 from benchmarks.children import ROOT, BenchError, BenchTimeout
 from benchmarks.columns import (
     BUILTIN,
@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.stop_all()
         figs, table = report.compute(run)
         report.print_table(run, figs, table)
+        ceilings.print_ceilings(run, table)
         if args.json:
             report.write_json(Path(args.json), run, table)
         if args.plot:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ceilings import CPU_BOUND, CPU_TARGETS, rate_ceiling
 from benchmarks.columns import expand, peer_column
 from benchmarks.framesdaemon import frames
 
@@ -92,6 +93,10 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         for column in ["direct", *FORWARDERS]:
             [result] = data["raw"][column][key]  # --quick: one round
             assert result["bytes"] > 0
+    allows = proc.stdout.split("What the CPU allows", 1)[1].splitlines()
+    for key in [*CPU_BOUND, *CPU_TARGETS]:  # one line each, with the budget it asks for
+        assert any(line.split()[:1] == [key] and "needs a forwarder of" in line
+                   for line in allows), key
 
 
 @pytest.mark.timeout(90)
@@ -125,6 +130,18 @@ def test_rounds_give_medians_of_per_round_ratios(tmp_path: Path) -> None:
     mine, theirs = row["rounds"]["process"], row["rounds"]["peer:self"]
     assert row["vs_peer_process_rounds"] == pytest.approx([a / b for a, b in zip(mine, theirs)])
     assert row["met_process"] == (row["vs_peer_process"] >= row["target"])
+
+
+def test_cpu_model_of_a_rate_target() -> None:
+    """Both columns share the cores, so a ratio is about the peer's pipeline CPU over ours;
+    what is left for the forwarder is what the target's share of that allows."""
+    ours = {"forwarder": 33.0, "daemon": 42.0, "guest": 16.0, "load generator": 15.0}
+    theirs = {"forwarder": 49.0, "daemon": 49.0, "guest": 17.5, "load generator": 17.5}
+    model, best, budget = rate_ceiling(ours, theirs, 1.2)
+    assert model == pytest.approx(133 / 106)
+    assert best == pytest.approx(133 / 73)  # the forwarder at no CPU
+    assert budget == pytest.approx(133 / 1.2 - 73)
+    assert rate_ceiling(ours, theirs, 2.0).budget < 0  # beyond even a free forwarder
 
 
 def test_command_templates() -> None:
