@@ -59,7 +59,7 @@ def print_ceilings(run: Run, table: dict[str, dict[str, Any]]) -> None:
         target = TARGETS[key].value
         model, best, budget = rate_ceiling(cpu, theirs, target)
         measured = table.get(key, {}).get("vs_peer_process")
-        lines.append(f"  {key:<15} {unit:<5} measured {_x(measured)}, CPU model {model:.2f}x,"
+        lines.append(f"  {key:<17} {unit:<5} measured {_x(measured)}, CPU model {model:.2f}x,"
                      f" with a forwarder of no CPU {best:.2f}x; >= {target:g}x needs a"
                      f" forwarder of {_budget(budget, cpu)}")
     for fig_key, key in CPU_TARGETS.items():
@@ -68,7 +68,7 @@ def print_ceilings(run: Run, table: dict[str, dict[str, Any]]) -> None:
             continue
         (unit, cpu), (_, theirs) = pair
         target = TARGETS[fig_key].value
-        lines.append(f"  {fig_key:<15} {unit:<5} <= {target:g}x {peer.title}'s"
+        lines.append(f"  {fig_key:<17} {unit:<5} <= {target:g}x {peer.title}'s"
                      f" {theirs['forwarder']:.2f} needs a forwarder of"
                      f" {_budget(target * theirs['forwarder'], cpu)}")
     if lines:
@@ -91,7 +91,7 @@ def _budget(needed: float, cpu: dict[str, float]) -> str:
     now = f"(now {cpu['forwarder']:.2f}, of it sys {cpu.get('forwarder sys', 0):.2f})"
     if needed <= 0:
         return f"less than no CPU {now}: out of reach here"
-    below = " : below its system time alone" if needed < cpu.get("forwarder sys", 0) else ""
+    below = "; below its system time alone" if needed < cpu.get("forwarder sys", 0) else ""
     return f"<= {needed:.2f} {now}{below}"
 
 
