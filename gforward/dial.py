@@ -53,10 +53,10 @@ def open_pump(plain: Any, stream: Stream, tunnel: Tunnel, on_end: Callable[[Pump
 
 
 def set_nodelay(sock: socket.socket) -> None:
-    """Small writes (an echo, a pong) must not wait for Nagle's algorithm.  (Asked
-    without looking at `sock.family` first: that builds an enum member, a few times the
-    cost of the call.)"""
-    with contextlib.suppress(OSError):  # a unix socket: no Nagle to turn off
+    """Small writes (an echo, a pong) must not wait for Nagle's algorithm.  Set on the
+    socket under gevent's wrapper, whose Python layers cost twice the call; a unix
+    socket refuses the option (EOPNOTSUPP), as a socket the peer already closed may."""
+    with contextlib.suppress(OSError):
         raw(sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 

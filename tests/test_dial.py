@@ -67,6 +67,20 @@ def server() -> Iterator[int]:
         yield listener.getsockname()[1]
 
 
+def test_a_dialled_socket_has_nagle_off(server: int) -> None:
+    sock, _, _ = race([v4(server)])
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_a_unix_socket_takes_set_nodelay_as_nothing_to_do() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        dial.set_nodelay(left)  # no Nagle here: refused by the kernel, and that is fine
+        left.sendall(b"x")
+        assert right.recv(1) == b"x"
+
+
 # The order of attempts ---------------------------------------------------------------
 
 
