@@ -295,9 +295,7 @@ def test_the_helpers_death_is_logged(daemon: gforward.daemon.Daemon,
         os.kill(helper, signal.SIGKILL)
         assert fwd.wait(GONE_WITHIN) is True
         assert wait_until(lambda: any(str(helper) in m or "helper" in m
-                                      for m in warnings_of(gflog)), WAIT)
-        assert any(str(helper) in m or "helper" in m for m in warnings_of(gflog)), \
-            warnings_of(gflog)
+                                      for m in warnings_of(gflog)), WAIT), warnings_of(gflog)
     finally:
         fwd.close()
         reap(helper)

@@ -111,7 +111,7 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
 def test_a_refused_upgrade_is_counted_under_its_status_and_logged(
         echo_server: str, isolation: str, gflog: pytest.LogCaptureFixture) -> None:
     def refusals() -> list[str]:
-        return [m for m in warnings_of(gflog) if "401" in m]
+        return [m for m in warnings_of(gflog) if " 401 " in m]  # not a port number's digits
 
     with gforward.daemon.start(token="right") as daemon, \
             forward(daemon.url, echo_server, token="wrong", isolation=isolation) as fwd:
