@@ -516,7 +516,9 @@ def cpu_medians(run: Run, column: Column, key: str) -> tuple[str, dict[str, floa
 
 def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
     """(unit, CPU per GiB or per operation of each process, and of its system time as
-    "NAME sys") of one result, None if it has no CPU figures."""
+    "NAME sys") of one result, None if it has no CPU figures.  Also "softirq", the
+    machine's irq and softirq time (much of loopback TCP's work, counted apart from any
+    process), and "cores": how many cores the processes and softirqs kept busy."""
     if "cpu" not in r:
         return None
     if "bytes" in r:
@@ -533,6 +535,9 @@ def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
             out[name] = cpu[name] / per
             if name in system:
                 out[f"{name} sys"] = system[name] / per
+    if "irq" in r and r.get("window"):
+        out["softirq"] = r["irq"] / per
+        out["cores"] = (sum(cpu.get(name) or 0.0 for name in PROCESSES) + r["irq"]) / r["window"]
     return unit, out
 
 

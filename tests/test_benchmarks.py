@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ceilings import CPU_BOUND, CPU_TARGETS, rate_ceiling
+from benchmarks.ceilings import CPU_TARGETS, RATES, _budget, rate_ceiling
 from benchmarks.columns import expand, peer_column
 from benchmarks.framesdaemon import frames
 
@@ -93,10 +93,13 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         for column in ["direct", *FORWARDERS]:
             [result] = data["raw"][column][key]  # --quick: one round
             assert result["bytes"] > 0
-    allows = proc.stdout.split("What the CPU allows", 1)[1].splitlines()
-    for key in [*CPU_BOUND, *CPU_TARGETS]:  # one line each, with the budget it asks for
-        assert any(line.split()[:1] == [key] and "needs a forwarder of" in line
-                   for line in allows), key
+    allows = {line.split()[0]: line for line in
+              proc.stdout.split("What the CPU allows", 1)[1].splitlines()[1:] if line}
+    for key in RATES:  # a line each, its ratio against the peer found
+        assert "measured -" not in allows[key] and "CPU model" in allows[key], allows[key]
+        assert "needs a forwarder of" in allows[key] or "not CPU-bound" in allows[key]
+    for key in CPU_TARGETS:
+        assert "needs a forwarder of" in allows[key], allows[key]
 
 
 @pytest.mark.timeout(90)
@@ -142,6 +145,37 @@ def test_cpu_model_of_a_rate_target() -> None:
     assert best == pytest.approx(133 / 73)  # the forwarder at no CPU
     assert budget == pytest.approx(133 / 1.2 - 73)
     assert rate_ceiling(ours, theirs, 2.0).budget < 0  # beyond even a free forwarder
+    assert rate_ceiling({**ours, "softirq": 27.0}, theirs, 1.2).model == pytest.approx(133 / 133)
+
+
+def test_a_budget_says_when_the_kernel_alone_spends_more() -> None:
+    now = {"forwarder": 33.0, "forwarder sys": 21.0}
+    assert _budget(38.0, now) == "<= 38.00 (now 33.00, of it sys 21.00)"
+    assert _budget(15.0, now).endswith("below its kernel time at today's system calls per"
+                                       " operation")
+    assert _budget(-1.0, now).endswith("out of reach by the model")
+
+
+INSTRUCTIONS = ROOT / "benchmarks" / "instructions.py"
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["through a pump", "direct"])
+def test_the_instruction_counts_program_runs(direct: bool) -> None:
+    """What benchmarks/instructions.py runs under callgrind (too slow for the suite itself):
+    kept from rotting."""
+    proc = subprocess.run([sys.executable, str(INSTRUCTIONS), "--pump-run", "200",
+                           *(["--direct"] if direct else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_instruction_counts_say_what_they_need(tmp_path: Path) -> None:
+    python = Path(sys.executable)
+    proc = subprocess.run([str(python), str(INSTRUCTIONS)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={"PATH": str(tmp_path)})  # no valgrind on it
+    assert proc.returncode == 2
+    assert "needs valgrind" in proc.stderr
 
 
 def test_command_templates() -> None:
