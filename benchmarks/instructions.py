@@ -121,9 +121,25 @@ def pump_count(tree: Path, count: int, direct: bool) -> int:
     # revision from before this file.
     proc, out = callgrind([sys.executable, __file__, "--pump-run", str(count)]
                           + (["--direct"] if direct else []), tree)
-    if proc.wait() != 0:
+    try:
+        failed = proc.wait() != 0
+    finally:
+        stop(proc)  # interrupted meanwhile: no callgrind left running
+    if failed:
+        out.unlink(missing_ok=True)
         raise SystemExit(f"instructions: the pump run failed in {tree}")
     return counted(out)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    """End `proc` (SIGTERM, then SIGKILL after `grace` seconds) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
@@ -187,12 +203,13 @@ def tunnel_count(tree: Path, count: int) -> int:
                         sock.sendall(b"x")
                         if sock.recv(1) != b"x":
                             raise SystemExit("instructions: a tunnel did not echo")
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
             finally:
-                proc.terminate()
-                proc.wait(60)
+                stop(proc)  # callgrind writes its count as the program exits
         finally:
-            daemon.terminate()
-            daemon.wait(30)
+            stop(daemon, 30.0)
     return counted(out)
 
 
