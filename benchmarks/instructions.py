@@ -204,6 +204,7 @@ def tunnel_count(tree: Path, count: int) -> int:
                         if sock.recv(1) != b"x":
                             raise SystemExit("instructions: a tunnel did not echo")
             except BaseException:
+                stop(proc)  # before its file goes: callgrind writes it as the program exits
                 out.unlink(missing_ok=True)
                 raise
             finally:
