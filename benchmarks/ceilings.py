@@ -1,11 +1,11 @@
 """What this machine's CPU lets a target reach, by a model fed with the run's own figures.
 
 Every process of a run shares the machine's cores: load generator, forwarder,
-daemon and guest, and the kernel's softirqs that carry loopback TCP. While a
-workload keeps every core busy, it runs at about cores / (the pipeline's CPU
-per operation), so its ratio to the peer is about the peer's pipeline CPU over
-gforward's, of which the forwarder is one term. For each rate-like target
-against the peer this prints, round by round and then the median:
+daemon and guest. While a workload keeps every core busy, it runs at about
+cores / (the pipeline's CPU per operation), so its ratio to the peer is about
+the peer's pipeline CPU over gforward's, of which the forwarder is one term.
+For each rate-like target against the peer this prints, round by round and
+then the median:
 
 * the ratio that model predicts, beside the measured one, and how many cores
   the two columns kept busy (below nearly all of them, the model does not hold
@@ -16,8 +16,13 @@ against the peer this prints, round by round and then the median:
 * the forwarder CPU per operation the target asks for, beside what it spends
   now and the kernel's part of that at today's system calls per operation.
 
-For a target on the forwarder's own CPU, the same comparison with the
-target's budget. Figures of a few clock ticks (`--quick`) are indicative only.
+The kernel's softirqs (much of loopback TCP) count towards the cores busy but
+not towards the pipeline: a kernel without IRQ time accounting (tick-based,
+as here) already charges most of them to the process they interrupted. Left
+out, a cost both columns share makes the model optimistic, so a target it puts
+out of reach is out of reach. For a target on the forwarder's own CPU, the
+same comparison with the target's budget. Figures of a few clock ticks
+(`--quick`) are indicative only.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ CPU_TARGETS = {"cpu_requests_64": "requests_64", "cpu_requests_512": "requests_5
                "cpu_requests_4096": "requests_4096", "cpu_pipelined": "pipelined",
                "cpu_frames": "frames"}
 BUSY = 0.9  # of the machine's cores: below this, a column was not CPU-bound
-PIPELINE = (*PROCESSES, "softirq")
 
 
 class Ceiling(NamedTuple):
@@ -50,10 +54,9 @@ class Ceiling(NamedTuple):
 
 
 def rate_ceiling(ours: dict[str, float], theirs: dict[str, float], target: float) -> Ceiling:
-    """The model for CPU per operation of each part of the pipeline (PIPELINE; a missing
-    part counts as none) in both columns."""
-    total = sum(ours.get(n, 0.0) for n in PIPELINE)
-    peer_total = sum(theirs.get(n, 0.0) for n in PIPELINE)
+    """The model for CPU per operation of each process (PROCESSES) in both columns."""
+    total = sum(ours[n] for n in PROCESSES)
+    peer_total = sum(theirs[n] for n in PROCESSES)
     rest = total - ours["forwarder"]
     return Ceiling(peer_total / total, peer_total / rest, peer_total / target - rest)
 
@@ -115,8 +118,8 @@ def _paired(run: Run, peer: Column, key: str) -> list[tuple[str, dict[str, float
         if ours_cpu is None or peer_cpu is None:
             continue
         (unit, ours), (_, peers) = ours_cpu, peer_cpu
-        if (all(n in ours for n in (*PIPELINE, "forwarder sys", "cores"))
-                and all(n in peers for n in (*PIPELINE, "cores"))):
+        if (all(n in ours for n in (*PROCESSES, "forwarder sys", "cores"))
+                and all(n in peers for n in (*PROCESSES, "cores"))):
             pairs.append((unit, ours, peers))
     return pairs
 
