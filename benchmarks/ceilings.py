@@ -8,8 +8,9 @@ For each rate-like target against the peer this prints, round by round and
 then the median:
 
 * the ratio that model predicts, beside the measured one, and how many cores
-  the two columns kept busy (below nearly all of them, the model does not hold
-  and no verdict is given: a single stage, not the sum, sets the pace);
+  the two columns kept busy, processes and softirqs (an upper estimate: see
+  below); below nearly all of them, the model does not hold and no verdict is
+  given: a single stage, not the sum, sets the pace;
 * the ratio with a forwarder of no CPU, the rest held at gforward's figures
   (a forwarder's way of writing can change the daemon's cost too: the model
   is a guide, not a bound);
