@@ -52,7 +52,7 @@ class Child:
     """
 
     def __init__(self, name: str, argv: list[str], logdir: Path, *, talks: bool,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = logdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
         full_env = dict(os.environ)
@@ -64,7 +64,7 @@ class Child:
             try:
                 self.proc = subprocess.Popen(
                     argv, stdin=subprocess.PIPE if talks else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE if talks else log, stderr=log, cwd=ROOT,
+                    stdout=subprocess.PIPE if talks else log, stderr=log, cwd=cwd,
                     env=full_env, preexec_fn=die_with_parent, start_new_session=True)
             except OSError as exc:
                 raise BenchError(f"{name}: cannot run {argv[0]!r}: {exc}") from exc
@@ -135,9 +135,9 @@ class Child:
         with contextlib.suppress(OSError):
             os.killpg(self.pid, sig)
 
-    def stop(self) -> None:
-        """Close its stdin (ours end on EOF), then SIGTERM, then SIGKILL, to its whole
-        process group; reaps it."""
+    def stop(self, grace: float = 3.0) -> None:
+        """Close its stdin (ours end on EOF), then SIGTERM, then SIGKILL `grace` seconds
+        later, to its whole process group; reaps it."""
         if self.proc.stdin is not None:  # one of ours (`talks`)
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -146,7 +146,7 @@ class Child:
         if self.proc.poll() is None:
             self._signal_group(signal.SIGTERM)
             try:
-                self.proc.wait(3)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self._signal_group(signal.SIGKILL)
                 self.proc.wait(3)

@@ -28,7 +28,6 @@ package); about a minute per tree.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket
@@ -36,13 +35,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+# After PYTHONPATH: the measured child imports gforward from the tree it is given there.
+sys.path.append(str(ROOT))
+
+from benchmarks.children import BenchError, Child  # noqa: E402
+from benchmarks.columns import free_port  # noqa: E402
+
 TOKEN = "instructions-benchmark-token"
 REQUEST = 64
 
@@ -92,54 +96,39 @@ def pump_requests(count: int, direct: bool) -> None:
 
 # Running them ---------------------------------------------------------------------------
 
+START = 120.0  # seconds for a python under callgrind to listen: it starts slowly
+STOP = 60.0  # seconds for it to exit on SIGTERM, writing its count as it does
 
-def callgrind(argv: list[str], tree: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`argv` under callgrind, importing gforward from `tree`; the process and its count file."""
-    handle, name = tempfile.mkstemp(prefix="callgrind.")
-    os.close(handle)
-    out = Path(name)
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
-        env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, out
+
+def under_callgrind(name: str, argv: list[str], tree: Path, logdir: Path) -> tuple[Child, Path]:
+    """`argv` under callgrind, importing gforward from `tree`: the child and the file its
+    count goes to as it exits."""
+    out = logdir / f"{name}.callgrind"
+    child = Child(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+                  logdir, talks=False, env={"PYTHONPATH": str(tree)}, cwd=tree)
+    return child, out
 
 
 def counted(out: Path) -> int:
-    """The instruction total callgrind wrote (its "summary:" line), and the file gone."""
-    try:
-        match = re.search(r"^summary:\s*(\d+)", out.read_text(), re.MULTILINE)
-    finally:
-        out.unlink(missing_ok=True)
+    """The instruction total callgrind wrote (its "summary:" line)."""
+    match = re.search(r"^summary:\s*(\d+)", out.read_text(), re.MULTILINE)
     if match is None:
-        raise SystemExit(f"instructions: no count from callgrind in {out}")
+        raise BenchError(f"no count from callgrind in {out}")
     return int(match.group(1))
 
 
-def pump_count(tree: Path, count: int, direct: bool) -> int:
+def pump_count(tree: Path, count: int, direct: bool, logdir: Path) -> int:
     # This file runs as a script, so that `tree`'s gforward is the one imported, even for a
     # revision from before this file.
-    proc, out = callgrind([sys.executable, __file__, "--pump-run", str(count)]
-                          + (["--direct"] if direct else []), tree)
+    child, out = under_callgrind("pump", [sys.executable, __file__, "--pump-run", str(count),
+                                          *(["--direct"] if direct else [])], tree, logdir)
     try:
-        failed = proc.wait() != 0
+        status = child.proc.wait()
     finally:
-        stop(proc)  # interrupted meanwhile: no callgrind left running
-    if failed:
-        out.unlink(missing_ok=True)
-        raise SystemExit(f"instructions: the pump run failed in {tree}")
+        child.stop(STOP)  # interrupted meanwhile: no callgrind left running
+    if status != 0:
+        raise BenchError(f"the pump run failed in {tree}{child.log_tail()}")
     return counted(out)
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
-    """End `proc` (SIGTERM, then SIGKILL after `grace` seconds) and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager
@@ -164,53 +153,31 @@ def echo_guest() -> Iterator[int]:
         listener.close()
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 120  # a python under callgrind starts slowly
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1.0).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"instructions: {what} did not listen on port {port}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tunnel_count(tree: Path, count: int) -> int:
+def tunnel_count(tree: Path, count: int, logdir: Path) -> int:
     """Instructions of the forwarder process over `count` tunnels (and its start)."""
     with echo_guest() as guest:
         daemon_port, port = free_port(), free_port()
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "gforward.daemon", "--listen", f"127.0.0.1:{daemon_port}",
-             "--token", TOKEN], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemon = Child("daemon", [sys.executable, "-m", "gforward.daemon", "--listen",
+                                  f"127.0.0.1:{daemon_port}", "--token", TOKEN],
+                       logdir, talks=False)
         try:
-            wait_port(daemon_port, daemon, "the daemon")
-            proc, out = callgrind(
-                [sys.executable, "-m", "gforward", "--url", f"http://127.0.0.1:{daemon_port}",
-                 "--token", TOKEN, "--ping-interval", "0", "vm",
-                 f"127.0.0.1:{port}:127.0.0.1:{guest}"], tree)
+            daemon.wait_listening(daemon_port, START)
+            forwarder, out = under_callgrind(
+                "forwarder", [sys.executable, "-m", "gforward", "--url",
+                              f"http://127.0.0.1:{daemon_port}", "--token", TOKEN,
+                              "--ping-interval", "0", "vm",
+                              f"127.0.0.1:{port}:127.0.0.1:{guest}"], tree, logdir)
             try:
-                wait_port(port, proc, "the forwarder")
+                forwarder.wait_listening(port, START)
                 for _ in range(count):
                     with socket.create_connection(("127.0.0.1", port), 30) as sock:
                         sock.sendall(b"x")
                         if sock.recv(1) != b"x":
-                            raise SystemExit("instructions: a tunnel did not echo")
-            except BaseException:
-                stop(proc)  # before its file goes: callgrind writes it as the program exits
-                out.unlink(missing_ok=True)
-                raise
+                            raise BenchError(f"a tunnel did not echo{forwarder.log_tail()}")
             finally:
-                stop(proc)  # callgrind writes its count as the program exits
+                forwarder.stop(STOP)
         finally:
-            stop(daemon, 30.0)
+            daemon.stop()
     return counted(out)
 
 
@@ -219,11 +186,11 @@ def per_operation(measure: Callable[[int], int], small: int, large: int) -> floa
     return (measure(large) - measure(small)) / (large - small)
 
 
-def figures(tree: Path, requests: int, tunnels: int) -> dict[str, float]:
-    pump = per_operation(lambda n: pump_count(tree, n, False), requests // 5, requests)
-    direct = per_operation(lambda n: pump_count(tree, n, True), requests // 5, requests)
+def figures(tree: Path, requests: int, tunnels: int, logdir: Path) -> dict[str, float]:
+    pump = per_operation(lambda n: pump_count(tree, n, False, logdir), requests // 5, requests)
+    direct = per_operation(lambda n: pump_count(tree, n, True, logdir), requests // 5, requests)
     return {"request": pump - direct, "tunnel": per_operation(
-        lambda n: tunnel_count(tree, n), tunnels // 5, tunnels)}
+        lambda n: tunnel_count(tree, n, logdir), tunnels // 5, tunnels)}
 
 
 @contextmanager
@@ -256,11 +223,16 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("instructions: needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    mine = figures(ROOT, args.requests, args.tunnels)
-    rows = [("working tree", mine)]
-    if args.base:
-        with checkout(args.base) as tree:
-            rows.append((args.base, figures(tree, args.requests, args.tunnels)))
+    with tempfile.TemporaryDirectory(prefix="gforward-instructions.") as logs:
+        logdir = Path(logs)  # the children's logs and callgrind's files
+        try:
+            rows = [("working tree", figures(ROOT, args.requests, args.tunnels, logdir))]
+            if args.base:
+                with checkout(args.base) as tree:
+                    rows.append((args.base, figures(tree, args.requests, args.tunnels, logdir)))
+        except BenchError as exc:
+            print(f"instructions: {exc}", file=sys.stderr)
+            return 1
     print("instructions in user space (callgrind), per operation:")
     labels = {"request": f"pump, one {REQUEST} B request and its reply (less direct)",
               "tunnel": "forwarder process, one tunnel (open, 1-byte echo, close)"}
