@@ -78,8 +78,7 @@ def print_ceilings(run: Run, table: dict[str, dict[str, Any]]) -> None:
         ceilings = [rate_ceiling(ours, theirs, target.value) for _, ours, theirs in rounds]
         busy = min(median([c["cores"] for _, c, _ in rounds]),
                    median([c["cores"] for _, _, c in rounds]))
-        now = {name: median([ours[name] for _, ours, _ in rounds])
-               for name in ("forwarder", "forwarder sys")}
+        now = _spent(rounds)
         text = (f"  {key:<17} {unit:<5} measured {_x(table.get(key, {}).get('vs_peer_process'))},"
                 f" CPU model {median([c.model for c in ceilings]):.2f}x"
                 f" ({busy:.1f} of {cores} cores busy)")
@@ -97,8 +96,7 @@ def print_ceilings(run: Run, table: dict[str, dict[str, Any]]) -> None:
         target = TARGETS[fig_key]
         assert target.vs_peer
         theirs = median([peer_cpu["forwarder"] for _, _, peer_cpu in rounds])
-        now = {name: median([ours[name] for _, ours, _ in rounds])
-               for name in ("forwarder", "forwarder sys")}
+        now = _spent(rounds)
         lines.append(f"  {fig_key:<17} {rounds[0][0]:<5} <= {target.value:g}x {peer.title}'s"
                      f" {theirs:.2f} needs a forwarder of {_budget(target.value * theirs, now)}")
     if lines:
@@ -123,6 +121,12 @@ def _paired(run: Run, peer: Column, key: str) -> list[tuple[str, dict[str, float
                 and all(n in peers for n in (*PROCESSES, "cores"))):
             pairs.append((unit, ours, peers))
     return pairs
+
+
+def _spent(rounds: list[tuple[str, dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """gforward's forwarder CPU and its system part, medians over `rounds`."""
+    return {name: median([ours[name] for _, ours, _ in rounds])
+            for name in ("forwarder", "forwarder sys")}
 
 
 def _budget(needed: float, now: dict[str, float]) -> str:

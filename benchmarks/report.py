@@ -516,9 +516,9 @@ def cpu_medians(run: Run, column: Column, key: str) -> tuple[str, dict[str, floa
 
 def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
     """(unit, CPU per GiB or per operation of each process, and of its system time as
-    "NAME sys") of one result, None if it has no CPU figures.  Also "softirq", the
-    machine's irq and softirq time (much of loopback TCP's work, counted apart from any
-    process), and "cores": how many cores the processes and softirqs kept busy."""
+    "NAME sys") of one result, None if it has no CPU figures.  Also "cores": how many
+    cores the processes and the machine's irqs and softirqs (much of loopback TCP's work)
+    kept busy."""
     if "cpu" not in r:
         return None
     if "bytes" in r:
@@ -536,7 +536,6 @@ def cpu_per_unit(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
             if name in system:
                 out[f"{name} sys"] = system[name] / per
     if "irq" in r and r.get("window"):
-        out["softirq"] = r["irq"] / per
         out["cores"] = (sum(cpu.get(name) or 0.0 for name in PROCESSES) + r["irq"]) / r["window"]
     return unit, out
 
