@@ -187,11 +187,8 @@ def connect_any(addresses: Sequence[Address], track: Callable[[socket.socket], N
     returning or raising, whatever ended the race (a timeout of the caller's included),
     never left to the garbage collector.
     """
-    if len(addresses) == 1:
-        sock = _attempt(addresses[0], track)
-    else:
-        ordered = interleave(addresses)
-        sock = _attempt(ordered[0], track) if len(ordered) == 1 else _race(ordered, track)
+    ordered = interleave(addresses)
+    sock = _attempt(ordered[0], track) if len(ordered) == 1 else _race(ordered, track)
     set_nodelay(sock)
     return sock
 
@@ -199,6 +196,8 @@ def connect_any(addresses: Sequence[Address], track: Callable[[socket.socket], N
 def interleave(addresses: Sequence[Address]) -> list[Address]:
     """`addresses` (in the resolver's order of preference) with the families taking turns,
     the first address's family first; duplicates dropped."""
+    if len(addresses) < 2:  # the usual case, an IP literal: nothing to order
+        return list(addresses)
     by_family: dict[int, list[Address]] = {}
     for address in dict.fromkeys(addresses):
         by_family.setdefault(address[0], []).append(address)
