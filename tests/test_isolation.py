@@ -31,6 +31,7 @@ import pytest
 import gforward
 import gforward.daemon
 from gforward.isolated import IsolatedForwarder
+from tests.apps.support import process_state
 from tests.peers.programs import READ_TIMEOUT, Program, Programs, clean_env
 from tests.support import (
     APPS,
@@ -55,15 +56,6 @@ def isolated(base_url: str, target: str = "127.0.0.1:9", **options: object
     fwd = forward(base_url, target, isolation="process", **options)
     assert isinstance(fwd, IsolatedForwarder)
     return fwd
-
-
-def state(pid: int) -> str:
-    """"gone" (no such process, not even a zombie), or its state letter (Z: a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 def children() -> set[int]:
@@ -159,7 +151,7 @@ def test_a_helper_serves_and_is_gone_after_close(daemon: gforward.daemon.Daemon,
                    specs=[f"127.0.0.1:0:{echo_server}", f"{path}:{echo_server}"])
     helper = fwd.helper_pid
     try:
-        assert helper != os.getpid() and state(helper) not in ("gone", "Z")
+        assert helper != os.getpid() and process_state(helper) not in ("gone", "Z")
         tcp, unix = fwd.listeners
         assert (unix.local, unix.port) == (path, 0) and tcp.port > 0
         assert echo_once(local_address(tcp), b"over tcp") == b"over tcp"
@@ -168,7 +160,7 @@ def test_a_helper_serves_and_is_gone_after_close(daemon: gforward.daemon.Daemon,
     finally:
         fwd.close()
     assert fwd.closed and fwd.wait(0) is True
-    assert state(helper) == "gone"  # exited and reaped by close()
+    assert process_state(helper) == "gone"  # exited and reaped by close()
     assert can_bind(tcp.port) and not os.path.exists(path)
     fwd.close()  # idempotent
 
@@ -179,7 +171,7 @@ def test_the_helper_ends_when_the_app_exits_without_closing(
     app = run(programs, "exit", daemon, echo_server, short_tmp)
     assert app.finish() == 0, (app.out, app.err)
     assert app.out[-1] == "ok" and app.err == [], (app.out, app.err)
-    assert state(app.helper) == "gone"  # the exit hook closed it and waited for it
+    assert process_state(app.helper) == "gone"  # the exit hook closed it and waited for it
     assert not os.path.exists(app.unix) and can_bind(app.port)
     assert os.listdir(short_tmp) == []
 
@@ -193,8 +185,8 @@ def test_the_helper_ends_when_the_app_is_killed(
         os.kill(app.popen.pid, signal.SIGKILL)  # the app alone, not its group
         app.finish()
         status = reaped(app.helper, GONE_WITHIN)
-    assert status == 0, f"helper {app.helper}: {status} ({state(app.helper)})"
-    assert state(app.helper) == "gone"
+    assert status == 0, f"helper {app.helper}: {status} ({process_state(app.helper)})"
+    assert process_state(app.helper) == "gone"
     assert not os.path.exists(app.unix) and can_bind(app.port)
     assert app.err == []
 
@@ -214,13 +206,13 @@ def test_a_forked_child_is_detached_and_the_helper_still_ends_with_the_parent(
         app.popen.wait(READ_TIMEOUT)
         try:
             status = reaped(app.helper, GONE_WITHIN)
-            child_state = state(child)
+            child_state = process_state(child)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
             reaped(child, READ_TIMEOUT)
     assert child_state not in ("gone", "Z")  # the child still lived when the helper ended
-    assert status == 0, f"helper {app.helper}: {status} ({state(app.helper)})"
+    assert status == 0, f"helper {app.helper}: {status} ({process_state(app.helper)})"
     assert not os.path.exists(app.unix) and can_bind(app.port)
 
 
@@ -252,7 +244,7 @@ def test_an_isolated_forwarder_in_a_patched_app(daemon: gforward.daemon.Daemon,
     assert "stats after 0.5 s: 2" in app.out, (app.out, app.err)
     assert "serves after 0.5 s: True" in app.out, (app.out, app.err)
     assert "closed: True" in app.out and app.out[-1] == "ok", (app.out, app.err)
-    assert state(app.helper) == "gone" and app.err == [], app.err
+    assert process_state(app.helper) == "gone" and app.err == [], app.err
 
 
 def test_wait_in_a_patched_app_lets_other_greenlets_close_it(
@@ -282,7 +274,7 @@ def test_close_after_the_helper_died_reaps_it(daemon: gforward.daemon.Daemon) ->
         with pytest.raises(gforward.ForwardError):
             fwd.stats()
         fwd.close()
-        assert state(helper) == "gone"
+        assert process_state(helper) == "gone"
     finally:
         reap(helper)
 

@@ -168,18 +168,9 @@ def after_a_signal(fwd: gforward.Forwarder, path: str, problems: list[str]) -> i
     except gforward.ForwardError as exc:
         say(f"after the signal: stats raised {exc}")
     fwd.close(drain=1.0)
-    state = process_state(fwd.helper_pid)
+    state = support.process_state(fwd.helper_pid)
     say(f"after close(drain=1): helper {state}, unix socket file left {os.path.exists(path)}")
     return support.verdict(problems)
-
-
-def process_state(pid: int) -> str:
-    """"gone", or the process's state letter (Z: a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 if __name__ == "__main__":

@@ -316,6 +316,16 @@ def thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_state(pid: int) -> str:
+    """"gone" (no such process, not even a zombie), or its state letter (Z: a zombie).
+    tests/test_isolation.py asks it too."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def socket_inodes() -> set[int]:
     """Inodes of every socket this process has a descriptor for."""
     found = set()
