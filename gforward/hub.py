@@ -86,6 +86,19 @@ class HubThread:
         self.hub.join()
 
 
+def settle(timeout: float) -> None:
+    """Wait, up to `timeout` seconds, until the hub thread (if any) has run what it was
+    given so far and can go back to waiting.  At exit: a daemon thread that runs
+    Python once the interpreter finalizes is cut short in the middle, and a greenlet's
+    stack does not survive that (a crash)."""
+    shared = HubThread._shared
+    if shared is None or is_mine(shared.hub):
+        return
+    done = Latch()
+    shared.hub.loop.run_callback_threadsafe(done.set)  # after every callback queued before
+    done.wait(timeout)
+
+
 def home() -> Any:
     """The hub a service started now belongs to (see the module's docstring).
 

@@ -3,7 +3,8 @@ forked child.
 
 Services still open at exit are closed by an atexit hook, last opened first, within
 EXIT_TIMEOUT, so that unix socket files are removed and no tunnel is left for the hub
-thread (a daemon thread) to be frozen in the middle of a write.
+thread (a daemon thread) to be frozen in the middle of a write; then the hub thread
+is let finish what it was given, so that it is idle when the interpreter finalizes.
 """
 
 from __future__ import annotations
@@ -77,3 +78,4 @@ def _close_live_services() -> None:
         service._request_close(0.0)
         if not service._await_closed(max(deadline - time.monotonic(), 0.0)):
             service._log.warning("still open %g s after exit began; leaving it", EXIT_TIMEOUT)
+    hub.settle(max(deadline - time.monotonic(), 0.0))  # closed ones' last greenlets too
