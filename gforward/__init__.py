@@ -12,10 +12,11 @@ How it is built, floor by floor (a module imports only from floors below):
    everything.
 2. I/O: `listen` (listening sockets), `pump` (the event-driven driver of a
    tunnel), `tls` (TLS through memory BIOs, for the dial and the pump), `dial`
-   (the connection to the daemon and the upgrade), `hub` (which hub, and how
+   (the connection to the daemon and the upgrade, in a greenlet), `opener` (the
+   same for the usual daemon, event-driven as the pump), `hub` (which hub, and how
    threads reach it), `fork` (a forked child lets go), `service` (the server core).
 3. The roles: `options` and `forwarder` (`start()`; the life of one local
-   connection is `Forwarder._handle`), `daemon` (the reference daemon).
+   connection is `Forwarder._accept`), `daemon` (the reference daemon).
 4. Command lines: `command` (what both share) and `cli` (the `gforward` command).
 """
 

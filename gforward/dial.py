@@ -92,18 +92,28 @@ def open_websocket(
     except BaseException as exc:
         for sock in opened:
             sock.close()
-        if exc is timer and handshake.refused:
-            raise handshake.refusal() from None
         if exc is timer:
-            raise DialError(f"no answer from {where} within {timeout:g} s", "timeout") from None
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            raise DialError(_rejected_certificate(exc, where), "tls") from exc
+            raise timed_out(handshake, where, timeout) from None
         if isinstance(exc, OSError):
-            cause = "tls" if isinstance(exc, ssl.SSLError) else "unreachable"
-            raise DialError(f"cannot reach {where}: {exc}", cause) from exc
+            raise failure(exc, where) from exc
         raise
     finally:
         timer.close()
+
+
+def timed_out(handshake: ClientHandshake, where: str, timeout: float) -> ForwardError:
+    """The error of a dial whose time ran out: the refusal, if its head had arrived."""
+    if handshake.refused:
+        return handshake.refusal()
+    return DialError(f"no answer from {where} within {timeout:g} s", "timeout")
+
+
+def failure(exc: OSError, where: str) -> DialError:
+    """The error of a dial that a socket or TLS error ended."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return DialError(_rejected_certificate(exc, where), "tls")
+    cause = "tls" if isinstance(exc, ssl.SSLError) else "unreachable"
+    return DialError(f"cannot reach {where}: {exc}", cause)
 
 
 def _rejected_certificate(exc: ssl.SSLCertVerificationError, where: str) -> str:
@@ -263,6 +273,14 @@ def _race(ordered: list[Address], track: Callable[[socket.socket], None]) -> soc
         for sock in opened:
             if sock is not winner:
                 sock.close()
+
+
+def known_address(endpoint: Endpoint) -> Address | None:
+    """Where the daemon is, if that takes no lookup: its unix path or IP literal."""
+    if endpoint.unix_path:
+        return (socket.AF_UNIX, endpoint.unix_path)
+    family = _literal_family(endpoint.host)
+    return None if family is None else (family, (endpoint.host, endpoint.port))
 
 
 def resolve(host: str, port: int) -> list[Address]:

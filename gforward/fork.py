@@ -51,10 +51,9 @@ def release(sockets: list[Any]) -> None:
 
 
 def accepted_sockets(handler: Any) -> list[socket.socket]:
-    """The accepted socket a handler greenlet holds before it has run: gevent's servers
-    spawn it as (handle, close, (socket, address)), so the socket is one level down."""
-    return [item for arg in handler.args if isinstance(arg, tuple)
-            for item in arg if isinstance(item, socket.socket)]
+    """The accepted socket a handler greenlet holds before it has run (Service._accept
+    spawns it with the socket among its arguments)."""
+    return [arg for arg in handler.args if isinstance(arg, socket.socket)]
 
 
 def _after_fork_in_child() -> None:

@@ -1,7 +1,7 @@
 """`start()` and the Forwarder: the life of one local connection, and operating the whole.
 
 Each accepted connection gets its own WebSocket to the daemon, as the Go
-`forward` package does; `_handle` below is that whole life, top to bottom:
+`forward` package does; `_accept` below is that whole life, top to bottom:
 dial, upgrade, hand over to a pump, count and log the end.
 """
 
@@ -21,6 +21,7 @@ from gevent.monkey import is_module_patched
 from . import dial, hub
 from .errors import ForwardError
 from .listen import ListeningSocket
+from .opener import Opener
 from .options import Options, settle
 from .proto import frames, handshake
 from .proto.mapping import AddressMapping, join_host_port, parse_address_mapping
@@ -64,6 +65,9 @@ class Forwarder(Service):
             self._log.info("reaching %s through proxy %s", endpoint.describe(),
                            self._settings.proxy.describe())
         self._patch_noticed = False
+        # Where the Opener dials, from the hub's callbacks; None: every dial in a greenlet.
+        self._known = (dial.known_address(endpoint)
+                       if self._settings.tls is None and self._settings.proxy is None else None)
         self._probing: list[list[Any]] = []  # each wait_ready probe's sockets, for close()
         self._open(mappings)
 
@@ -82,9 +86,10 @@ class Forwarder(Service):
 
     # One connection -------------------------------------------------------------
 
-    def _handle(self, door: Door, local: socket.socket, address: Any) -> None:
-        """The life of one local connection: dial, upgrade, hand over to a pump, which
-        counts and logs the outcome when the tunnel is over."""
+    def _accept(self, door: Door, local: socket.socket, address: Any) -> None:
+        """The life of one local connection, begun in the hub: dial and upgrade (from the
+        hub's callbacks, or in a greenlet when a lookup, TLS or a proxy is in the way),
+        then hand over to a pump, which counts and logs the outcome when it is over."""
         route, settings = door.context, self._settings
         if self._in_hub_thread and not self._patch_noticed and is_module_patched("socket"):
             self._patch_noticed = True
@@ -95,39 +100,68 @@ class Forwarder(Service):
             counters.open += 1
         connection = Connection(door, local)
         dial.set_nodelay(local)
-        try:
-            stream, trailing = self._dial(route, settings.dial_timeout, connection.add)
-        except (ForwardError, OSError) as exc:
-            if not connection.aborted:  # else the forwarder closed meanwhile: not a failure
-                self._log.warning("tunnel %s failed: %s", _TunnelName(route.listener, address),
-                                  settings.redact(str(exc)))
-            _over(counts, "" if connection.aborted else getattr(exc, "cause", "") or "unreachable")
-            local.close()  # last: the client sees the end once it is logged and counted
+        name = _TunnelName(route.listener, address)
+
+        def opened(stream: dial.Stream, trailing: bytes) -> None:
+            self._log_soon(logging.DEBUG, "tunnel %s opened", name)
+            tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
+                            ping_timeout=settings.ping_timeout, now=time.monotonic())
+
+            def ended(pump: Pump) -> None:
+                connection.done()
+                failed = pump.tunnel.failed and not connection.aborted
+                _over(counts, pump.tunnel.cause if failed else "")
+                self._log_soon(logging.ERROR if pump.exception else
+                               logging.WARNING if failed else logging.DEBUG,
+                               "tunnel %s closed (%d bytes up, %d down): %s", name,
+                               pump.tunnel.sent, pump.tunnel.received, pump.tunnel.outcome,
+                               exc_info=pump.exception)
+
+            pump = dial.open_pump(local, stream, tunnel, ended, counts)
+            connection.open(pump)
+            pump.start(trailing)
+
+        def failed(exc: BaseException) -> None:
+            """Log, count, close, in that order: the client sees the end once it is logged
+            and counted.  In a greenlet, where a log handler may block."""
+            if connection.aborted:  # the forwarder closed meanwhile: not a failure
+                cause = ""
+            elif isinstance(exc, (ForwardError, OSError)):
+                cause = getattr(exc, "cause", "") or "unreachable"
+                self._log.warning("tunnel %s failed: %s", name, settings.redact(str(exc)))
+            else:  # a bug: end this tunnel, not the forwarder
+                cause = "internal"
+                self._log.error("tunnel %s failed", name, exc_info=exc)
+            _over(counts, cause)
+            local.close()
             connection.done()
+
+        upgrade = route.upgrade.handshake()
+        if self._known is None:
+            self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
             return
-        self._log.debug("tunnel %s opened", _TunnelName(route.listener, address))
-        tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
-                        ping_timeout=settings.ping_timeout, now=time.monotonic())
+        opener = Opener(self._known, upgrade, settings.dial_timeout, settings.endpoint.describe,
+                        opened, lambda exc: self._pool.spawn(failed, exc))
+        connection.open(opener)
+        opener.start()
 
-        def ended(pump: Pump) -> None:
-            connection.done()
-            failed = pump.tunnel.failed and not connection.aborted
-            _over(counts, pump.tunnel.cause if failed else "")
-            self._log_soon(logging.ERROR if pump.exception else
-                           logging.WARNING if failed else logging.DEBUG,
-                           "tunnel %s closed (%d bytes up, %d down): %s",
-                           _TunnelName(route.listener, address), pump.tunnel.sent,
-                           pump.tunnel.received, pump.tunnel.outcome, exc_info=pump.exception)
+    def _dial_for(self, upgrade: handshake.ClientHandshake, connection: Connection,
+                  opened: Callable[[dial.Stream, bytes], None],
+                  failed: Callable[[BaseException], None]) -> None:
+        """A tunnel's dial in a greenlet, for what the Opener leaves: a name to look up,
+        TLS, a proxy."""
+        try:
+            stream, trailing = self._dial(upgrade, self._settings.dial_timeout, connection.add)
+        except Exception as exc:
+            failed(exc)
+            return
+        opened(stream, trailing)
 
-        pump = dial.open_pump(local, stream, tunnel, ended, counts)
-        connection.open(pump)
-        pump.start(trailing)
-
-    def _dial(self, route: _Route, timeout: float, track: Callable[[Any], None]
-              ) -> tuple[dial.Stream, bytes]:
-        """Open a WebSocket to `route`'s upstream, as every tunnel and probe does."""
+    def _dial(self, upgrade: handshake.ClientHandshake, timeout: float,
+              track: Callable[[Any], None]) -> tuple[dial.Stream, bytes]:
+        """Open a WebSocket with `upgrade` in a greenlet, as probes and some tunnels do."""
         settings = self._settings
-        return dial.open_websocket(settings.endpoint, route.upgrade.handshake(), timeout=timeout,
+        return dial.open_websocket(settings.endpoint, upgrade, timeout=timeout,
                                    tls=settings.tls, track=track,
                                    proxy=settings.proxy_handshake())
 
@@ -196,7 +230,7 @@ class Forwarder(Service):
         """One probe: whether a tunnel to `route`'s upstream opens (it is closed at once).
         Raises ForwardError for a refusal that will not get better."""
         try:
-            stream, _ = self._dial(route, timeout, sockets.append)
+            stream, _ = self._dial(route.upgrade.handshake(), timeout, sockets.append)
         except (ForwardError, OSError) as exc:
             sockets.clear()  # open_websocket closed them
             if self.stopping() or _worth_another_probe(exc):  # a close cut it short, or not yet

@@ -2,10 +2,11 @@
 
 Modelled on gevent's `BaseServer`, for several listeners at once: a service
 binds each mapping's listen side (TCP or unix), accepts, and hands every
-connection to its role's `_handle`; a role supplies only that, and
-`_prepare` for what it keeps per listener.  Which hub it runs in is `hub`'s
-business; what a forked child does with it is `fork`'s; `live` closes what is
-still open when the interpreter exits.
+connection to its role's `_handle`, in a greenlet of its own, or to its
+`_accept`, in the hub, for a role that never blocks there; a role supplies
+only that, and `_prepare` for what it keeps per listener.  Which hub it runs
+in is `hub`'s business; what a forked child does with it is `fork`'s; `live`
+closes what is still open when the interpreter exits.
 
 Lifecycle, from any thread or greenlet: listeners are added and removed while
 others serve; `close(drain=S)` stops accepting at once and lets open
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import gevent
 from gevent import socket
@@ -30,43 +31,56 @@ from .errors import ForwardError
 from .listen import AcceptingServer, ListeningSocket, listen_tcp, listen_unix
 from .proto.mapping import AddressMapping
 from .proto.records import Counters
-from .pump import Pump
 
 _S = TypeVar("_S", bound="Service")
 JOIN_TIMEOUT = 2.0  # how long closing lets handlers finish after their sockets closed
 DRAIN_POLL = 0.05  # seconds between looks at what a drain waits for
 
 
+class Driver(Protocol):
+    """What moves a connection on from the hub's callbacks: the opener that dials, then
+    the pump."""
+
+    def abort(self, reason: str) -> None: ...
+
+    def sockets(self) -> list[Any]: ...
+
+
 class Connection:
     """One accepted connection, registered with its door until it is over, so that a
-    close can end it at any stage: its sockets while it dials, its pump once open."""
+    close can end it at any stage: its sockets while a greenlet dials, its driver once
+    one runs it."""
 
-    __slots__ = ("_door", "aborted", "pump", "sockets")
+    __slots__ = ("_door", "_sockets", "aborted", "driver")
 
     def __init__(self, door: Door, *sockets: Any) -> None:
         self._door = door
-        self.sockets = list(sockets)
-        self.pump: Pump | None = None
+        self._sockets = list(sockets)
+        self.driver: Driver | None = None
         self.aborted = False
         door.connections.add(self)
 
+    @property
+    def sockets(self) -> list[Any]:
+        """Every socket it holds now (for a forked child to let go of)."""
+        return self._sockets + (self.driver.sockets() if self.driver is not None else [])
+
     def add(self, sock: Any) -> None:
-        """One more socket of this connection (while it dials)."""
-        self.sockets.append(sock)
+        """One more socket of this connection (while a greenlet dials)."""
+        self._sockets.append(sock)
         if self.aborted:
             sock.close()
 
-    def open(self, pump: Pump) -> None:
-        """The tunnel is open: from now on its pump owns the sockets."""
-        self.pump = pump
-        self.sockets = pump.sockets()
+    def open(self, driver: Driver) -> None:
+        """From now on `driver` runs it (and a close ends it through the driver)."""
+        self.driver = driver
 
     def abort(self) -> None:
         self.aborted = True
-        if self.pump is not None:
-            self.pump.abort("closed with its listener")
+        if self.driver is not None:
+            self.driver.abort("closed with its listener")
         else:
-            for sock in self.sockets:
+            for sock in self._sockets:
                 sock.close()
 
     def done(self) -> None:
@@ -115,6 +129,11 @@ class Service:
         """The life of one accepted connection; the socket is the handler's to close."""
         raise NotImplementedError
 
+    def _accept(self, door: Door, sock: socket.socket, address: Any) -> None:
+        """In the hub: a role that can start a connection without blocking does so here;
+        by default `_handle` runs in a greenlet of its own."""
+        self._pool.spawn(self._handled, door, sock, address)
+
     # Opening ----------------------------------------------------------------------
 
     def _open(self, mappings: list[AddressMapping]) -> None:
@@ -127,7 +146,8 @@ class Service:
 
     def _serve(self, doors: list[Door]) -> None:
         for door in doors:
-            door.server = AcceptingServer(door.bound.sock, self._guarded(door), spawn=self._pool)
+            # spawn=None: the server calls `_accepting` in the hub, which decides.
+            door.server = AcceptingServer(door.bound.sock, self._accepting(door), spawn=None)
             door.server.log = self._log
             self._doors.append(door)
             door.server.start()
@@ -168,21 +188,37 @@ class Service:
 
         return hub.run_in(self._hub, add)
 
-    def _guarded(self, door: Door) -> Any:
-        """The role's handler, run only while the door is open, never leaving the accepted
-        socket open behind an exception (the server leaves closing it to the handler)."""
+    def _accepting(self, door: Door) -> Callable[[socket.socket, Any], None]:
+        """What the server calls in the hub for each accepted socket: the role's `_accept`,
+        while the door is open, never leaving the socket open behind an exception."""
 
-        def handle(sock: socket.socket, address: Any) -> None:
-            if self._closing or door not in self._doors:  # accepted just before a close
-                sock.close()
+        def accepted(sock: socket.socket, address: Any) -> None:
+            if self._turned_away(door, sock):  # accepted just before a close
                 return
             try:
-                self._handle(door, sock, address)
+                self._accept(door, sock, address)
             except BaseException:
                 sock.close()
                 raise
 
-        return handle
+        return accepted
+
+    def _handled(self, door: Door, sock: socket.socket, address: Any) -> None:
+        """`_handle` in its greenlet, if the door is still open when that runs."""
+        if self._turned_away(door, sock):  # closed before the greenlet ran
+            return
+        try:
+            self._handle(door, sock, address)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _turned_away(self, door: Door, sock: socket.socket) -> bool:
+        """Whether `door` closed, in which case `sock` is closed here."""
+        if self._closing or door not in self._doors:
+            sock.close()
+            return True
+        return False
 
     def _log_soon(self, level: int, message: str, *args: Any,
                   exc_info: BaseException | None = None) -> None:

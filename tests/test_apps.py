@@ -159,8 +159,9 @@ def test_prefork_workers(mode: str, short_tmp: str) -> None:
     assert os.listdir(short_tmp) == []
 
 
-def test_fork_while_a_connection_waits_for_its_handler() -> None:
-    lines = checked(run_app("fork_pending.py"))
+@pytest.mark.parametrize("moment", ["greenlet", "hub"])
+def test_fork_while_a_connection_is_not_yet_open(moment: str) -> None:
+    lines = checked(run_app("fork_pending.py", moment))
     assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines
 
 

@@ -1,16 +1,23 @@
-"""A fork at the moment a connection is accepted but not yet handled, in a plain process.
+"""A fork while a connection is accepted but its tunnel not yet open, in a plain process.
 
 In a plain process the forwarder runs in gforward's hub thread, which a forked
 child does not have: nothing of that hub runs there, so whatever the child does
-not release at once it holds until it exits.  The moment that matters is when
-the listener has accepted a connection and spawned its handler, which has not
-run yet: the socket is then only in the handler's arguments.  To fork exactly
-then, the server's spawn (private: gevent's `_spawn`) is wrapped so that the hub
-thread waits there until the main thread has forked.  The child must have let go
-of that socket: when the parent closes the forwarder, its client sees the end at
-once, though the child lives on.  Exit 0 only if it does.
+not release at once it holds until it exits.  Two moments matter:
 
-    python tests/apps/fork_pending.py
+- greenlet: the daemon is named by a host name, so its dial runs in a greenlet;
+  the listener has accepted a connection and spawned that greenlet, which has
+  not run yet.  To fork exactly then, the forwarder's pool's spawn is wrapped so
+  that the hub thread waits there until the main thread has forked.
+- hub: the daemon is at an IP address, so the hub's callbacks dial it; the fork
+  comes once the (silent) daemon has accepted that dial, while the upgrade's
+  answer is awaited.  The child must let go of the dialled socket too: the
+  daemon sees its end when the parent closes.
+
+The child must have let go of the accepted socket: when the parent closes the
+forwarder, its client sees the end at once, though the child lives on.  Exit 0
+only if it does.
+
+    python tests/apps/fork_pending.py greenlet|hub
 """
 
 from __future__ import annotations
@@ -45,21 +52,29 @@ def held_after_spawn(spawn: Callable[..., Any], spawned: threading.Event,
     return wrapper
 
 
-def main() -> int:
+def main(moment: str) -> int:
     support.watchdog(30)
     problems: list[str] = []
     silent = socket.socket()  # a daemon that accepts and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    fwd = gforward.start(base_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+    host = "localhost" if moment == "greenlet" else "127.0.0.1"
+    fwd = gforward.start(base_url=f"http://{host}:{silent.getsockname()[1]}",
                          vm_name="fork", specs=["127.0.0.1:0:127.0.0.1:9"])
     spawned, forked = threading.Event(), threading.Event()
-    server = fwd._doors[0].server
-    server._spawn = held_after_spawn(server._spawn, spawned, forked)
+    if moment == "greenlet":
+        fwd._pool.spawn = held_after_spawn(fwd._pool.spawn, spawned, forked)
+    else:
+        forked.set()
     client = socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10)
-    if not spawned.wait(10):
-        problems.append("the connection was never accepted")
-        return support.verdict(problems)
+    dialled = None
+    if moment == "greenlet":
+        if not spawned.wait(10):
+            problems.append("the connection was never accepted")
+            return support.verdict(problems)
+    else:
+        silent.settimeout(10)
+        dialled, _ = silent.accept()
     mine, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -72,22 +87,26 @@ def main() -> int:
     try:
         mine.settimeout(10)
         mine.recv(1)
-        time.sleep(0.1)  # the parent's handler runs, and dials the silent daemon
+        time.sleep(0.1)  # the parent's greenlet (if held) runs, and dials the silent daemon
         began = time.monotonic()
         fwd.close()
         end = support.ending(client, 5)
-        support.say(f"forked with a connection not yet handled; closed while the child lives:"
-                    f" the client saw {end} {support.elapsed(began)} after close()")
+        support.say(f"forked with a connection not yet open ({moment}); closed while the "
+                    f"child lives: the client saw {end} {support.elapsed(began)} after close()")
         if end not in ("eof", "reset") or time.monotonic() - began > 2:
             problems.append("the child held the accepted connection open")
+        if dialled is not None and support.ending(dialled, 2) not in ("eof", "reset"):
+            problems.append("the child held the dialled connection open")
     finally:
         mine.close()  # the child's recv() returns: it exits
         os.waitpid(pid, 0)
         fwd.close()
         client.close()
+        if dialled is not None:
+            dialled.close()
         silent.close()
     return support.verdict(problems)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1]))
