@@ -93,7 +93,7 @@ class Forwarder(Service):
         route, settings = door.context, self._settings
         if self._in_hub_thread and not self._patch_noticed and is_module_patched("socket"):
             self._patch_noticed = True
-            self._log.warning(PATCHED_LATE)
+            self._log_soon(logging.WARNING, PATCHED_LATE)
         counts = (door.counters, self.counters)
         for counters in counts:
             counters.total += 1
@@ -101,25 +101,6 @@ class Forwarder(Service):
         connection = Connection(door, local)
         dial.set_nodelay(local)
         name = _TunnelName(route.listener, address)
-
-        def opened(stream: dial.Stream, trailing: bytes) -> None:
-            self._log_soon(logging.DEBUG, "tunnel %s opened", name)
-            tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
-                            ping_timeout=settings.ping_timeout, now=time.monotonic())
-
-            def ended(pump: Pump) -> None:
-                connection.done()
-                failed = pump.tunnel.failed and not connection.aborted
-                _over(counts, pump.tunnel.cause if failed else "")
-                self._log_soon(logging.ERROR if pump.exception else
-                               logging.WARNING if failed else logging.DEBUG,
-                               "tunnel %s closed (%d bytes up, %d down): %s", name,
-                               pump.tunnel.sent, pump.tunnel.received, pump.tunnel.outcome,
-                               exc_info=pump.exception)
-
-            pump = dial.open_pump(local, stream, tunnel, ended, counts)
-            connection.open(pump)
-            pump.start(trailing)
 
         def failed(exc: BaseException) -> None:
             """Log, count, close, in that order: the client sees the end once it is logged
@@ -136,13 +117,36 @@ class Forwarder(Service):
             local.close()
             connection.done()
 
+        def ended(pump: Pump) -> None:
+            connection.done()
+            cut = pump.tunnel.failed and not connection.aborted
+            _over(counts, pump.tunnel.cause if cut else "")
+            self._log_soon(logging.ERROR if pump.exception else
+                           logging.WARNING if cut else logging.DEBUG,
+                           "tunnel %s closed (%d bytes up, %d down): %s", name,
+                           pump.tunnel.sent, pump.tunnel.received, pump.tunnel.outcome,
+                           exc_info=pump.exception)
+
+        def opened(stream: dial.Stream, trailing: bytes) -> None:
+            self._log_soon(logging.DEBUG, "tunnel %s opened", name)
+            try:
+                tunnel = Tunnel(client=True, ping_interval=settings.ping_interval,
+                                ping_timeout=settings.ping_timeout, now=time.monotonic())
+                pump = dial.open_pump(local, stream, tunnel, ended, counts)
+            except Exception as exc:  # a bug: end this tunnel, not the hub
+                stream.close()
+                self._pool.spawn(failed, exc)
+                return
+            connection.open(pump)
+            pump.start(trailing)
+
         upgrade = route.upgrade.handshake()
         if self._known is None:
             self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
             return
         opener = Opener(self._known, upgrade, settings.dial_timeout, settings.endpoint.describe,
                         opened, lambda exc: self._pool.spawn(failed, exc))
-        connection.open(opener)
+        connection.dialling(opener)
         opener.start()
 
     def _dial_for(self, upgrade: handshake.ClientHandshake, connection: Connection,

@@ -20,9 +20,9 @@ import gevent
 
 from .dial import REFUSAL_BODY_WAIT, Address, DialError, failure, timed_out
 from .proto.handshake import Accepted, ClientHandshake
+from .queues import READ, WRITE
 from .tls import RECV_SIZE
 
-_READ, _WRITE = 1, 2
 _PENDING = (errno.EINPROGRESS, errno.EALREADY)  # TCP: the answer comes as writability
 _Callbacks = tuple[Callable[[Any, bytes], None], Callable[[BaseException], None]]
 CONNECT_RETRY = 0.01  # seconds before connecting again to a unix socket whose backlog is full
@@ -53,13 +53,14 @@ class Opener:
     def start(self) -> None:
         """Begin, in the hub's thread."""
         loop = gevent.get_hub().loop
+        loop.update_now()  # its clock may be a loop iteration old: the timer would come early
         self._deadline = loop.now() + self._timeout
         self._timer = loop.timer(self._timeout)
         self._timer.start(self._timed_out)
         self._step(self._connect)
 
     def sockets(self) -> list[Any]:
-        """The socket it dials (for a forked child to let go of)."""
+        """The socket it dials, until the pump has it (for a forked child to let go of)."""
         return [] if self._sock is None else [self._sock]
 
     def abort(self, reason: str) -> None:
@@ -91,8 +92,9 @@ class Opener:
         if code in (0, errno.EISCONN):
             self._send()
         elif code in _PENDING:
-            self._wait(_WRITE, self._connected)
-        elif code == errno.EAGAIN:  # a unix socket's backlog is full: no event says when
+            self._wait(WRITE, self._connected)
+        elif code == errno.EAGAIN and family == _socket.AF_UNIX:  # its backlog is full, and
+            # no event says when it has room
             self._wait_timer(CONNECT_RETRY, self._connect)
         else:
             raise OSError(code, os.strerror(code))
@@ -111,9 +113,9 @@ class Opener:
             sent = 0
         self._out = self._out[sent:]
         if self._out:
-            self._wait(_WRITE, self._send)
+            self._wait(WRITE, self._send)
         else:
-            self._wait(_READ, self._receive)
+            self._wait(READ, self._receive)
 
     def _receive(self) -> Accepted | None:
         try:
@@ -155,25 +157,26 @@ class Opener:
     # The end --------------------------------------------------------------------
 
     def _open(self, trailing: bytes) -> None:
-        callbacks, sock = self._end()
+        callbacks = self._end()
         if callbacks is not None:
-            callbacks[0](sock, trailing)
+            callbacks[0](self._sock, trailing)
+        self._sock = None  # listed until then, so that a fork meanwhile finds it
 
     def _fail(self, exc: BaseException) -> None:
-        callbacks, sock = self._end()
+        callbacks = self._end()
         if callbacks is not None:
-            if sock is not None:
-                sock.close()
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
             callbacks[1](exc)
 
-    def _end(self) -> tuple[_Callbacks | None, Any]:
+    def _end(self) -> _Callbacks | None:
         """Stop every watcher and let go of the callbacks (which hold what holds this
         opener: no cycle is left to a garbage collector, which may run in another thread),
-        once: the callbacks to call (None if it ended before), and the socket."""
+        once: the callbacks to call, None if it ended before."""
         callbacks, self._callbacks = self._callbacks, None
         self._stop_waiting()
         if self._timer is not None:
             self._timer.close()
             self._timer = None
-        sock, self._sock = self._sock, None
-        return callbacks, sock
+        return callbacks

@@ -25,9 +25,8 @@ import gevent
 
 from .proto.records import Counters
 from .proto.tunnel import Tunnel
-from .queues import CHUNK, IOV_MAX, describe, give_buffer, send_queue, take_buffer
+from .queues import CHUNK, IOV_MAX, READ, WRITE, describe, give_buffer, send_queue, take_buffer
 
-_READ, _WRITE = 1, 2
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
 
@@ -97,8 +96,8 @@ class Pump:
     def start(self, trailing: bytes = b"") -> None:
         """Begin, in the hub's thread; `trailing` holds frames read with the upgrade."""
         self._loop = loop = gevent.get_hub().loop
-        self._plain_r = loop.io(self._plain.fileno(), _READ)
-        self._ws_r = loop.io(self._ws.fileno(), _READ)
+        self._plain_r = loop.io(self._plain.fileno(), READ)
+        self._ws_r = loop.io(self._ws.fileno(), READ)
         deadline = self.tunnel.timer(_monotonic(), held=False)
         if deadline is not None:
             self._timer = loop.timer(deadline - _monotonic())
@@ -291,7 +290,7 @@ class Pump:
             self._plain_buf = None
 
     def _wait_writable(self, sock: socket.socket, callback: Callable[[], None]) -> Any:
-        watcher = self._loop.io(sock.fileno(), _WRITE)
+        watcher = self._loop.io(sock.fileno(), WRITE)
         watcher.start(callback)
         return watcher
 

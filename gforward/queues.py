@@ -17,6 +17,7 @@ _free: list[bytearray] = []  # list.pop and list.append are atomic: hub threads 
 _FREE_MAX = 16
 IOV_MAX = 1024  # Linux refuses a sendmsg with more buffers (EMSGSIZE)
 SMALL = 2048  # payloads joined to their header for one send rather than a vectored one
+READ, WRITE = 1, 2  # the events a watcher of gevent's loop.io waits for (libev's masks)
 
 
 def send_queue(sock: socket.socket, out: list[Buffer]) -> None:

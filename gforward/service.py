@@ -71,9 +71,15 @@ class Connection:
         if self.aborted:
             sock.close()
 
-    def open(self, driver: Driver) -> None:
-        """From now on `driver` runs it (and a close ends it through the driver)."""
+    def dialling(self, driver: Driver) -> None:
+        """From now on `driver` runs its dial (and a close ends it through the driver)."""
         self.driver = driver
+
+    def open(self, pump: Driver) -> None:
+        """The tunnel is open: from now on its pump owns every socket (the gevent
+        wrappers they came in, with idle watchers each, can go)."""
+        self.driver = pump
+        self._sockets = []
 
     def abort(self) -> None:
         self.aborted = True
@@ -132,7 +138,7 @@ class Service:
     def _accept(self, door: Door, sock: socket.socket, address: Any) -> None:
         """In the hub: a role that can start a connection without blocking does so here;
         by default `_handle` runs in a greenlet of its own."""
-        self._pool.spawn(self._handled, door, sock, address)
+        self._pool.spawn(self._guarded, self._handle, door, sock, address)
 
     # Opening ----------------------------------------------------------------------
 
@@ -189,36 +195,27 @@ class Service:
         return hub.run_in(self._hub, add)
 
     def _accepting(self, door: Door) -> Callable[[socket.socket, Any], None]:
-        """What the server calls in the hub for each accepted socket: the role's `_accept`,
-        while the door is open, never leaving the socket open behind an exception."""
+        """What the server calls in the hub for each accepted socket: the role's
+        `_accept`, guarded."""
 
         def accepted(sock: socket.socket, address: Any) -> None:
-            if self._turned_away(door, sock):  # accepted just before a close
-                return
-            try:
-                self._accept(door, sock, address)
-            except BaseException:
-                sock.close()
-                raise
+            self._guarded(self._accept, door, sock, address)
 
         return accepted
 
-    def _handled(self, door: Door, sock: socket.socket, address: Any) -> None:
-        """`_handle` in its greenlet, if the door is still open when that runs."""
-        if self._turned_away(door, sock):  # closed before the greenlet ran
+    def _guarded(self, step: Callable[[Door, socket.socket, Any], None], door: Door,
+                 sock: socket.socket, address: Any) -> None:
+        """`step` for an accepted socket, only while its door is open (a close may come
+        between the accept and a greenlet's start), never leaving the socket open behind
+        an exception."""
+        if self._closing or door not in self._doors:
+            sock.close()
             return
         try:
-            self._handle(door, sock, address)
+            step(door, sock, address)
         except BaseException:
             sock.close()
             raise
-
-    def _turned_away(self, door: Door, sock: socket.socket) -> bool:
-        """Whether `door` closed, in which case `sock` is closed here."""
-        if self._closing or door not in self._doors:
-            sock.close()
-            return True
-        return False
 
     def _log_soon(self, level: int, message: str, *args: Any,
                   exc_info: BaseException | None = None) -> None:

@@ -159,7 +159,7 @@ def test_prefork_workers(mode: str, short_tmp: str) -> None:
     assert os.listdir(short_tmp) == []
 
 
-@pytest.mark.parametrize("moment", ["greenlet", "hub"])
+@pytest.mark.parametrize("moment", ["greenlet", "hub", "daemon"])
 def test_fork_while_a_connection_is_not_yet_open(moment: str) -> None:
     lines = checked(run_app("fork_pending.py", moment))
     assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines

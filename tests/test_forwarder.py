@@ -26,6 +26,7 @@ import pytest
 
 import gforward
 import gforward.daemon
+import gforward.dial
 import gforward.service
 from tests.support import (
     APPS,
@@ -33,6 +34,7 @@ from tests.support import (
     closed_port,
     connect,
     echo_once,
+    forward,
     free_port,
     ipv6_loopback,
     local_address,
@@ -566,20 +568,48 @@ def test_close_ends_a_tunnel_that_is_still_dialling(echo_server: str) -> None:
 
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
+                                                                  "dial in a greenlet"])
 def test_dial_timeout_bounds_a_silent_daemon(
-    log: tuple[logging.Logger, ListHandler], echo_server: str
+    host: str, log: tuple[logging.Logger, ListHandler], echo_server: str
 ) -> None:
     logger, handler = log
     with socket.socket() as mute:  # accepts (backlog) and never answers the upgrade
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
-        url = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        url = f"http://{host}:{mute.getsockname()[1]}"
         with gforward.start(base_url=url, vm_name="v", dial_timeout=0.5, logger=logger,
                             specs=[f"127.0.0.1:0:{echo_server}"]) as fwd:
             began = time.monotonic()
             assert refused(fwd)
             assert time.monotonic() - began < 10, "dial_timeout=0.5 did not end the tunnel"
-            handler.find(logging.WARNING, "failed", "0.5 s")
+            handler.find(logging.WARNING, "failed", f"no answer from {url} within 0.5 s")
+            stats = fwd.stats()  # counted before the client saw the end
+            assert (stats.tunnels_open, stats.failures) == (0, {"timeout": 1})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
+                                                                  "dial in a greenlet"])
+def test_a_bug_while_a_tunnel_opens_ends_that_tunnel_only(
+    host: str, log: tuple[logging.Logger, ListHandler], echo_server: str,
+    daemon: gforward.daemon.Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pump that cannot be made (a bug, injected here): that client sees the end, the
+    tunnel counts as failed ("internal") with a traceback logged, and the next one works."""
+    logger, handler = log
+    with forward(daemon.url.replace("127.0.0.1", host), echo_server, logger=logger) as fwd:
+        with monkeypatch.context() as patched:
+            patched.setattr(gforward.dial, "open_pump", _no_pump)
+            assert refused(fwd)
+        record = handler.find(logging.ERROR, "failed")
+        assert record.exc_info is not None and "no pump today" in str(record.exc_info[1])
+        assert echo_once(local_address(fwd), b"next") == b"next"
+        stats = fwd.stats()
+    assert (stats.tunnels_failed, stats.failures) == (1, {"internal": 1})
+
+
+def _no_pump(*args: object) -> None:
+    raise RuntimeError("no pump today")
 
 
 # Logging ---------------------------------------------------------------------------------

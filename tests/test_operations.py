@@ -108,13 +108,16 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
     assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
+                                                                  "dial in a greenlet"])
 def test_a_refused_upgrade_is_counted_under_its_status_and_logged(
-        echo_server: str, isolation: str, gflog: pytest.LogCaptureFixture) -> None:
+        host: str, echo_server: str, isolation: str, gflog: pytest.LogCaptureFixture) -> None:
     def refusals() -> list[str]:
         return [m for m in warnings_of(gflog) if " 401 " in m]  # not a port number's digits
 
     with gforward.daemon.start(token="right") as daemon, \
-            forward(daemon.url, echo_server, token="wrong", isolation=isolation) as fwd:
+            forward(daemon.url.replace("127.0.0.1", host), echo_server, token="wrong",
+                    isolation=isolation) as fwd:
         assert refused(fwd)
         assert refused(fwd)
         assert wait_until(lambda: fwd.stats().tunnels_failed == 2, WAIT)

@@ -12,12 +12,14 @@ not release at once it holds until it exits.  Two moments matter:
   comes once the (silent) daemon has accepted that dial, while the upgrade's
   answer is awaited.  The child must let go of the dialled socket too: the
   daemon sees its end when the parent closes.
+- daemon: the reference daemon, whose handler greenlet (held as in "greenlet")
+  has the accepted socket among its arguments and nowhere else yet.
 
 The child must have let go of the accepted socket: when the parent closes the
-forwarder, its client sees the end at once, though the child lives on.  Exit 0
-only if it does.
+forwarder (or daemon), its client sees the end at once, though the child lives
+on.  Exit 0 only if it does.
 
-    python tests/apps/fork_pending.py greenlet|hub
+    python tests/apps/fork_pending.py greenlet|hub|daemon
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Callable
 import support
 
 import gforward
+import gforward.daemon
 
 # Python 3.12+ warns on fork() in a process with threads (the hub thread): the point here.
 warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks",
@@ -58,17 +61,23 @@ def main(moment: str) -> int:
     silent = socket.socket()  # a daemon that accepts and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    host = "localhost" if moment == "greenlet" else "127.0.0.1"
-    fwd = gforward.start(base_url=f"http://{host}:{silent.getsockname()[1]}",
-                         vm_name="fork", specs=["127.0.0.1:0:127.0.0.1:9"])
-    spawned, forked = threading.Event(), threading.Event()
-    if moment == "greenlet":
-        fwd._pool.spawn = held_after_spawn(fwd._pool.spawn, spawned, forked)
+    service: Any
+    if moment == "daemon":
+        service = gforward.daemon.start()
+        port = int(service.url.rsplit(":", 1)[1])
     else:
+        host = "localhost" if moment == "greenlet" else "127.0.0.1"
+        service = gforward.start(base_url=f"http://{host}:{silent.getsockname()[1]}",
+                                 vm_name="fork", specs=["127.0.0.1:0:127.0.0.1:9"])
+        port = service.listeners[0].port
+    spawned, forked = threading.Event(), threading.Event()
+    if moment == "hub":
         forked.set()
-    client = socket.create_connection(("127.0.0.1", fwd.listeners[0].port), timeout=10)
+    else:
+        service._pool.spawn = held_after_spawn(service._pool.spawn, spawned, forked)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
     dialled = None
-    if moment == "greenlet":
+    if moment != "hub":
         if not spawned.wait(10):
             problems.append("the connection was never accepted")
             return support.verdict(problems)
@@ -87,9 +96,9 @@ def main(moment: str) -> int:
     try:
         mine.settimeout(10)
         mine.recv(1)
-        time.sleep(0.1)  # the parent's greenlet (if held) runs, and dials the silent daemon
+        time.sleep(0.1)  # the parent's greenlet (if held) runs
         began = time.monotonic()
-        fwd.close()
+        service.close()
         end = support.ending(client, 5)
         support.say(f"forked with a connection not yet open ({moment}); closed while the "
                     f"child lives: the client saw {end} {support.elapsed(began)} after close()")
@@ -100,7 +109,7 @@ def main(moment: str) -> int:
     finally:
         mine.close()  # the child's recv() returns: it exits
         os.waitpid(pid, 0)
-        fwd.close()
+        service.close()
         client.close()
         if dialled is not None:
             dialled.close()
