@@ -140,14 +140,16 @@ def refused_then_echo_works(fwd: gforward.Forwarder, caplog: pytest.LogCaptureFi
     assert_secret_not_logged(caplog, secret)
 
 
-def wait_until(condition: Callable[[], object], timeout: float) -> bool:
+def wait_until(condition: Callable[[], object], timeout: float,
+               sleep: Callable[[float], object] = time.sleep) -> bool:
     """Poll `condition` every 10 ms until it holds or `timeout` seconds pass; whether it
-    held (the caller asserts that, or what it waited for)."""
+    held (the caller asserts that, or what it waited for).  `sleep=gevent.sleep` lets
+    this thread's hub run meanwhile."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.01)
+        sleep(0.01)
     return True
 
 

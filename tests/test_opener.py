@@ -2,19 +2,17 @@
 reference daemon, and each way a dial ends otherwise, as its caller sees it.
 
 Each Opener runs in this thread's hub; daemons that misbehave on purpose are
-plain sockets served from a thread of their own.
+the fake daemon's scripts, in threads of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import gevent
@@ -26,7 +24,8 @@ from gforward import dial
 from gforward.opener import CONNECT_RETRY, Opener
 from gforward.options import Options, settle
 from gforward.proto import frames, handshake
-from tests.support import IO_TIMEOUT, MARGIN, blackhole, closed_port
+from tests.peers.fake_daemon import FakeDaemon, Peer, Script, answer_then_wait, silent
+from tests.support import IO_TIMEOUT, MARGIN, blackhole, closed_port, wait_until
 
 WHERE = "the daemon"
 
@@ -67,54 +66,19 @@ def plain_upgrade(upstream: str = "127.0.0.1:9") -> handshake.Upgrade:
         ("X-Inlets-Upstream", upstream)])
 
 
-@contextmanager
-def answering(listener: socket.socket, answer: Callable[[bytes], bytes],
-              hold: bool = True) -> Iterator[None]:
-    """Serve one connection on `listener` from a thread: read the upgrade request, write
-    `answer(request head)`, then hold the connection until the test is over (or close
-    it, unless `hold`).  The test waits for the Opener inside: its hub must run."""
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        sock, _ = listener.accept()
-        held.append(sock)
-        sock.settimeout(IO_TIMEOUT)
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return
-            request += chunk
-        sock.sendall(answer(request))
-        if not hold:
-            sock.close()
-
-    listener.settimeout(IO_TIMEOUT)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join(IO_TIMEOUT)
-        for sock in held:
-            sock.close()
+def at(fake: FakeDaemon) -> dial.Address:
+    return (socket.AF_INET, ("127.0.0.1", fake.port))
 
 
-def accept_101(request: bytes) -> bytes:
-    """A valid 101 to `request`, by the reference daemon's own handshake code."""
-    server = handshake.ServerHandshake()
-    assert server.receive(request) is not None
-    return server.accept()
+def upgrade_then(frame: bytes) -> Script:
+    """A fake daemon's script: a valid 101 with `frame` in the same send."""
 
+    def script(peer: Peer) -> None:
+        peer.read_request()
+        peer.accept(then=frame)
+        peer.wait_eof()
 
-@pytest.fixture
-def tcp_listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        yield listener
-
-
-def v4(listener: socket.socket) -> dial.Address:
-    return (socket.AF_INET, listener.getsockname())
+    return script
 
 
 # Opened --------------------------------------------------------------------------------
@@ -144,10 +108,10 @@ def test_a_tunnel_opened_through_the_reference_daemon_carries_bytes(
             assert echoed == frames.encode_frame(frames.OP_BINARY, b"hello", mask=False)
 
 
-def test_frames_read_with_the_101_are_handed_over(tcp_listener: socket.socket) -> None:
+def test_frames_read_with_the_101_are_handed_over() -> None:
     frame = frames.encode_frame(frames.OP_BINARY, b"early", mask=False)
-    with answering(tcp_listener, lambda request: accept_101(request) + frame):
-        (sock, trailing), _ = Dial(v4(tcp_listener)).outcome()
+    with FakeDaemon(upgrade_then(frame)) as fake:
+        (sock, trailing), _ = Dial(at(fake)).outcome()
         sock.close()
     assert trailing == frame
 
@@ -165,9 +129,12 @@ def test_a_unix_daemon_whose_backlog_is_full_is_tried_again(short_tmp: str) -> N
         gevent.sleep(CONNECT_RETRY * 10)  # a few tries
         assert not opening.ended.ready()
         listener.accept()[0].close()  # room in the backlog for the Opener's next try
-        with answering(listener, accept_101):
-            (sock, trailing), _ = opening.outcome()
-            sock.close()
+        listener.settimeout(IO_TIMEOUT)
+        server = threading.Thread(target=lambda: upgrade_then(b"")(Peer(listener.accept()[0])))
+        server.start()
+        (sock, trailing), _ = opening.outcome()
+        sock.close()
+        server.join(IO_TIMEOUT)
     assert trailing == b""
 
 
@@ -182,10 +149,9 @@ def test_a_closed_port_is_unreachable() -> None:
 
 
 @pytest.mark.parametrize("daemon", ["silent", "blackholed"])
-def test_no_answer_in_time_is_a_timeout(daemon: str, tcp_listener: socket.socket) -> None:
-    with blackhole() as port:
-        address = v4(tcp_listener) if daemon == "silent" else (socket.AF_INET,
-                                                               ("127.0.0.1", port))
+def test_no_answer_in_time_is_a_timeout(daemon: str) -> None:
+    with blackhole() as port, FakeDaemon(silent) as fake:
+        address = at(fake) if daemon == "silent" else (socket.AF_INET, ("127.0.0.1", port))
         opening = Dial(address, timeout=0.5)
         exc, took = opening.outcome()
     assert isinstance(exc, dial.DialError)
@@ -194,48 +160,48 @@ def test_no_answer_in_time_is_a_timeout(daemon: str, tcp_listener: socket.socket
     assert opening.calls == 1 and opening.opener.sockets() == []
 
 
-def test_a_refusal_waits_a_moment_for_its_body_not_the_whole_timeout(
-        tcp_listener: socket.socket) -> None:
+def test_a_refusal_waits_a_moment_for_its_body_not_the_whole_timeout() -> None:
     head = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nno entry"  # 92 never come
-    with answering(tcp_listener, lambda request: head):
-        exc, took = Dial(v4(tcp_listener), timeout=IO_TIMEOUT).outcome()
+    with FakeDaemon(answer_then_wait(head)) as fake:
+        exc, took = Dial(at(fake), timeout=IO_TIMEOUT).outcome()
     assert isinstance(exc, handshake.HandshakeError)
     assert (exc.cause, str(exc)) == ("http 403", "upgrade refused: HTTP/1.1 403 Forbidden no entry")
     assert took < dial.REFUSAL_BODY_WAIT + MARGIN
 
 
-def test_a_daemon_that_closes_before_answering(tcp_listener: socket.socket) -> None:
-    with answering(tcp_listener, lambda request: b"HTTP/1.1 1", hold=False):
-        exc = Dial(v4(tcp_listener)).error()
+def test_a_daemon_that_closes_before_answering() -> None:
+    def half_an_answer(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(b"HTTP/1.1 1")  # and the connection ends with the script
+
+    with FakeDaemon(half_an_answer) as fake:
+        exc = Dial(at(fake)).error()
     assert isinstance(exc, handshake.HandshakeError)
     assert str(exc) == "daemon closed the connection before answering: HTTP/1.1 1"
 
 
-def test_an_abort_ends_it_once_and_closes_its_socket(tcp_listener: socket.socket) -> None:
-    opening = Dial(v4(tcp_listener))
-    tcp_listener.settimeout(IO_TIMEOUT)
-    dialled, _ = tcp_listener.accept()
-    with dialled:
-        assert wait_for(lambda: bool(select.select([dialled], [], [], 0)[0]))  # the request
+def test_an_abort_ends_it_once_and_closes_its_socket() -> None:
+    aborted = threading.Event()
+
+    def late_answer(peer: Peer) -> None:
+        peer.read_request()
+        aborted.wait(IO_TIMEOUT)
+        with contextlib.suppress(OSError):  # the Opener's socket is closed by now
+            peer.send(b"HTTP/1.1 101 late\r\n\r\n")
+        peer.wait_eof()
+
+    with FakeDaemon(late_answer) as fake:
+        opening = Dial(at(fake))
+        assert wait_until(lambda: fake.peers and fake.peers[0].request, IO_TIMEOUT,
+                          sleep=gevent.sleep)
         opening.opener.abort("closed with its listener")
         exc = opening.error()
         assert isinstance(exc, dial.DialError) and str(exc) == "closed with its listener"
-        dialled.settimeout(IO_TIMEOUT)
-        request = b""
-        while chunk := dialled.recv(4096):  # the request, then the end
-            request += chunk
-        assert request.startswith(b"GET /vm/vm1/forward HTTP/1.1\r\n")
-        dialled.sendall(b"HTTP/1.1 101 late\r\n\r\n")
-    opening.opener.abort("again")
-    gevent.sleep(0.1)  # the late answer, had anything still watched for it
+        aborted.set()
+        peer = fake.peers[0]
+        assert peer.request is not None
+        assert peer.request.request_line == "GET /vm/vm1/forward HTTP/1.1"
+        assert peer.eof.wait(IO_TIMEOUT)  # the request, then the end
+        opening.opener.abort("again")
+        gevent.sleep(0.1)  # the late answer, had anything still watched for it
     assert opening.calls == 1 and opening.opener.sockets() == []
-
-
-def wait_for(condition: Callable[[], bool]) -> bool:
-    """`condition()` turned true while this thread's hub ran, within IO_TIMEOUT."""
-    deadline = time.monotonic() + IO_TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        gevent.sleep(0.01)
-    return True
