@@ -55,8 +55,7 @@ class Opener:
         loop = gevent.get_hub().loop
         loop.update_now()  # its clock may be a loop iteration old: the timer would come early
         self._deadline = loop.now() + self._timeout
-        self._timer = loop.timer(self._timeout)
-        self._timer.start(self._timed_out)
+        self._arm(self._timeout)
         self._step(self._connect)
 
     def sockets(self) -> list[Any]:
@@ -128,11 +127,16 @@ class Opener:
         if accepted is None and handshake.refused and not refused:
             # A refusal's body is only wanted for the log: a moment for it, not the rest
             # of the timeout.
-            loop = gevent.get_hub().loop
-            self._timer.close()
-            self._timer = loop.timer(max(min(REFUSAL_BODY_WAIT, self._deadline - loop.now()), 0.0))
-            self._timer.start(self._timed_out)
+            left = self._deadline - gevent.get_hub().loop.now()
+            self._arm(max(min(REFUSAL_BODY_WAIT, left), 0.0))
         return accepted
+
+    def _arm(self, seconds: float) -> None:
+        """(Re)start the one timer that bounds the dial."""
+        if self._timer is not None:
+            self._timer.close()
+        self._timer = gevent.get_hub().loop.timer(seconds)
+        self._timer.start(self._timed_out)
 
     def _timed_out(self) -> None:
         self._fail(timed_out(self._handshake, self._where(), self._timeout))

@@ -16,6 +16,7 @@ plain `close()` meanwhile cuts at once).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from types import TracebackType
@@ -152,8 +153,9 @@ class Service:
 
     def _serve(self, doors: list[Door]) -> None:
         for door in doors:
-            # spawn=None: the server calls `_accepting` in the hub, which decides.
-            door.server = AcceptingServer(door.bound.sock, self._accepting(door), spawn=None)
+            # spawn=None: the server calls the role's `_accept` (guarded) in the hub.
+            door.server = AcceptingServer(
+                door.bound.sock, functools.partial(self._guarded, self._accept, door), spawn=None)
             door.server.log = self._log
             self._doors.append(door)
             door.server.start()
@@ -193,15 +195,6 @@ class Service:
             return door
 
         return hub.run_in(self._hub, add)
-
-    def _accepting(self, door: Door) -> Callable[[socket.socket, Any], None]:
-        """What the server calls in the hub for each accepted socket: the role's
-        `_accept`, guarded."""
-
-        def accepted(sock: socket.socket, address: Any) -> None:
-            self._guarded(self._accept, door, sock, address)
-
-        return accepted
 
     def _guarded(self, step: Callable[[Door, socket.socket, Any], None], door: Door,
                  sock: socket.socket, address: Any) -> None:
