@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from typing import Callable, TypeVar
 
 from .service import Service
@@ -106,18 +107,29 @@ def _serve(service: S, waited: set[signal.Signals], drain: float,
         return thread
 
     if ready is not None:
-        in_thread(lambda: problems.append(ready(service)))
+        def check() -> None:
+            """Runs `ready`; whatever ends it, the loop below gets an answer to act on."""
+            try:
+                problems.append(ready(service))
+            except BaseException as exc:  # a bug: its traceback, then the loop's answer
+                traceback.print_exc(file=sys.stderr)
+                problems.append(f"cannot tell whether it is ready: {exc!r}")
+
+        in_thread(check)
     while True:
-        if any(thread.is_alive() for thread in helpers):
-            info = signal.sigtimedwait(waited, POLL)
-            received = info.si_signo if info is not None else None
-        else:
-            received = signal.sigwait(waited)
+        # Looked at before what the helpers left: one that ends after this look is seen
+        # on the next round, so the loop never blocks for good on a helper's answer.
+        busy = any(thread.is_alive() for thread in helpers)
         if closer is not None and not closer.is_alive():
             return 0  # drained
         if problems and problems[0] is not None:
             print(problems[0], file=sys.stderr, flush=True)
             return 1
+        if busy:
+            info = signal.sigtimedwait(waited, POLL)
+            received = info.si_signo if info is not None else None
+        else:
+            received = signal.sigwait(waited)
         if received == _REPORT and report is not None:
             report(service)
         elif received in _STOP:

@@ -76,9 +76,11 @@ def daemon_process(*args: str) -> Iterator[str]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without SLICER_* or proxies, so only the test's settings count."""
+    """The caller's environment without SLICER_* or proxies, so only the test's settings
+    count, and with Python's fault handler on."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLICER_") and not k.lower().endswith("_proxy")}
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung or crashed program shows where it was
     env.update(extra)
     return env
 
@@ -139,7 +141,16 @@ class Program:
 
     def finish(self, timeout: float = READ_TIMEOUT) -> int:
         """Wait up to `timeout` s for the exit status, then for all of its output."""
-        status = self.popen.wait(timeout)
+        try:
+            status = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # SIGABRT: a Python program (see clean_env) prints every thread's stack first.
+            self.popen.send_signal(signal.SIGABRT)
+            self.popen.wait(READ_TIMEOUT)
+            for reader in self._readers:
+                reader.join(READ_TIMEOUT)
+            raise AssertionError(f"{self.args} did not exit within {timeout}s; "
+                                 f"stderr: {self.stderr}") from None
         for reader in self._readers:
             reader.join(READ_TIMEOUT)
         return status
