@@ -203,15 +203,22 @@ class Forwarder(Service):
         def probe_all() -> bool:
             probes = [gevent.spawn(self._probe, route, deadline) for route in routes]
             try:  # the first False (or refusal) settles it, and the rest are stopped
-                return all(probe.get() for probe in gevent.iwait(probes))
+                for probe in gevent.iwait(probes):
+                    outcome = probe.get()
+                    if isinstance(outcome, ForwardError):
+                        raise outcome
+                    if not outcome:
+                        return False
+                return True
             finally:
                 gevent.killall(probes)
 
         ready: bool = hub.run_in(self._hub, probe_all)
         return ready
 
-    def _probe(self, route: _Route, deadline: float | None) -> bool:
-        """Probe one listener's upstream until the daemon reaches it (see wait_ready)."""
+    def _probe(self, route: _Route, deadline: float | None) -> bool | ForwardError:
+        """Probe one listener's upstream until the daemon reaches it (see wait_ready).  A
+        refusal comes back, not raised: the hub would print a greenlet's error on stderr."""
         pause = _PROBE_BACKOFF[0]
         sockets: list[Any] = []  # the current attempt's, for a close to cut
         self._probing.append(sockets)
@@ -221,8 +228,11 @@ class Forwarder(Service):
                 if left is not None and left <= 0:
                     return False
                 dial_timeout = self._settings.dial_timeout
-                if self._reached(route, min(dial_timeout, left or dial_timeout), sockets):
-                    return True
+                try:
+                    if self._reached(route, min(dial_timeout, left or dial_timeout), sockets):
+                        return True
+                except ForwardError as refusal:
+                    return refusal
                 if not self.stopping():
                     gevent.sleep(pause if left is None else min(pause, left))
                     pause = min(pause * 2, _PROBE_BACKOFF[1])

@@ -254,8 +254,8 @@ def test_wait_ready_is_false_on_timeout(daemon: gforward.daemon.Daemon, isolatio
         assert time.monotonic() - began < 3.0
 
 
-def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(echo_server: str,
-                                                                 isolation: str) -> None:
+def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(
+        echo_server: str, isolation: str, capfd: pytest.CaptureFixture[str]) -> None:
     with gforward.daemon.start(token="right") as daemon, \
             forward(daemon.url, echo_server, token=TOKEN_SECRET, isolation=isolation) as fwd:
         began = time.monotonic()
@@ -264,6 +264,7 @@ def test_wait_ready_raises_on_a_refusal_that_will_not_get_better(echo_server: st
         assert time.monotonic() - began < 3.0
     assert fwd.listeners[0].local in str(info.value)
     assert TOKEN_SECRET not in str(info.value)
+    assert "Traceback" not in capfd.readouterr().err  # raised here, not printed by the hub
 
 
 def test_wait_ready_is_false_once_closed(daemon: gforward.daemon.Daemon, isolation: str) -> None:
@@ -402,6 +403,7 @@ def test_wait_ready_flag(programs: Programs, echo_server: str) -> None:
     announced_listeners(refused_cli)
     assert refused_cli.finish() == 1
     assert "http 401" in refused_cli.stderr.lower() or "401" in refused_cli.stderr
+    assert "Traceback" not in refused_cli.stderr  # one line says why, nothing else
 
 
 def test_close_ends_the_tunnels_of_a_listener_being_removed(
