@@ -269,7 +269,14 @@ def test_failed_tunnels_leave_nothing_behind() -> None:
             address = ("127.0.0.1", fwd.listeners[0].port)
             for _ in range(rounds):
                 for script in scripts:
-                    with socket.create_connection(address, timeout=10) as sock:
+                    try:
+                        sock = socket.create_connection(address, timeout=10)
+                    except ConnectionResetError:
+                        # A tunnel cut (a protocol error, a dropped daemon) may end before
+                        # connect() returns here: the client sees the reset from connect.
+                        assert script is not _upgrade_then_read
+                        continue
+                    with sock:
                         if script is _upgrade_then_read:  # the client resets mid-stream
                             sock.recv(5)
                             sock.sendall(b"unread by anyone")
