@@ -7,6 +7,7 @@ One timer bounds the whole dial: proxy connect, CONNECT, TLS and upgrade.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import functools
 import ipaddress
@@ -280,7 +281,13 @@ def known_address(endpoint: Endpoint) -> Address | None:
     if endpoint.unix_path:
         return (socket.AF_UNIX, endpoint.unix_path)
     family = _literal_family(endpoint.host)
-    return None if family is None else (family, (endpoint.host, endpoint.port))
+    if family is None:
+        return None
+    # A numeric getaddrinfo looks nothing up; it keeps an IPv6 zone (fe80::1%eth0) as the
+    # scope id, which a (host, port) pair given to a plain connect() would lose.
+    info = _socket.getaddrinfo(endpoint.host, endpoint.port, family, _socket.SOCK_STREAM, 0,
+                               _socket.AI_NUMERICHOST)
+    return (family, info[0][4])
 
 
 def resolve(host: str, port: int) -> list[Address]:

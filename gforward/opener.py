@@ -26,6 +26,7 @@ from .tls import RECV_SIZE
 _PENDING = (errno.EINPROGRESS, errno.EALREADY)  # TCP: the answer comes as writability
 _Callbacks = tuple[Callable[[Any, bytes], None], Callable[[BaseException], None]]
 CONNECT_RETRY = 0.01  # seconds before connecting again to a unix socket whose backlog is full
+_NONBLOCK = getattr(_socket, "SOCK_NONBLOCK", 0)  # Linux and the BSDs: one system call less
 
 
 class Opener:
@@ -84,7 +85,9 @@ class Opener:
     def _connect(self) -> None:
         family, sockaddr = self._address
         if self._sock is None:
-            self._sock = _socket.socket(family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
+            self._sock = _socket.socket(family, _socket.SOCK_STREAM | _NONBLOCK)
+            if not _NONBLOCK:
+                self._sock.setblocking(False)
             if family != _socket.AF_UNIX:  # small writes must not wait for Nagle
                 self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         code = self._sock.connect_ex(sockaddr)

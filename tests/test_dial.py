@@ -19,6 +19,7 @@ import pytest
 
 import gforward.daemon
 from gforward import dial
+from gforward.proto.endpoint import parse_base_url
 from tests.peers.programs import Programs
 from tests.resolver import Scripted
 from tests.support import (
@@ -201,6 +202,14 @@ def test_a_dial_that_gives_up_leaves_the_lookup_to_the_next(resolver: Scripted) 
 def test_a_name_idna_cannot_encode_is_an_unknown_host() -> None:
     with pytest.raises(socket.gaierror):
         dial.resolve("a..b", 80)
+
+
+def test_a_known_ipv6_address_keeps_its_zone() -> None:
+    """A link-local daemon (http://[fe80::1%eth0]:8080) is reached through its zone's
+    interface: the Opener connects to the whole address, scope id included."""
+    endpoint = parse_base_url("http://[fe80::1%lo]:8080")
+    assert dial.known_address(endpoint) == (
+        socket.AF_INET6, ("fe80::1", 8080, 0, socket.if_nametoindex("lo")))
 
 
 def test_ip_literals_are_not_looked_up(resolver: Scripted) -> None:

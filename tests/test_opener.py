@@ -20,6 +20,7 @@ import pytest
 from gevent.event import AsyncResult
 
 import gforward.daemon
+import gforward.opener
 from gforward import dial
 from gforward.opener import CONNECT_RETRY, Opener
 from gforward.options import Options, settle
@@ -106,6 +107,18 @@ def test_a_tunnel_opened_through_the_reference_daemon_carries_bytes(
             while len(echoed) < 7:
                 echoed += stream.recv(64)
             assert echoed == frames.encode_frame(frames.OP_BINARY, b"hello", mask=False)
+
+
+@pytest.mark.parametrize("flag", ["SOCK_NONBLOCK", "without"])
+def test_the_dialled_socket_never_blocks(flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where socket() takes no SOCK_NONBLOCK flag (macOS), the socket is made non-blocking
+    by a call of its own: a blocking one would stop the hub while it waits."""
+    if flag == "without":
+        monkeypatch.setattr(gforward.opener, "_NONBLOCK", 0)
+    with FakeDaemon(upgrade_then(b"")) as fake:
+        (sock, _), _ = Dial(at(fake)).outcome()
+        with contextlib.closing(sock):
+            assert not sock.getblocking()
 
 
 def test_frames_read_with_the_101_are_handed_over() -> None:
