@@ -122,7 +122,8 @@ def _serve(service: S, waited: set[signal.Signals], drain: float,
         busy = any(thread.is_alive() for thread in helpers)
         if closer is not None and not closer.is_alive():
             return 0  # drained
-        if problems and problems[0] is not None:
+        # Once a drain has begun, its close is what makes a readiness check say "not ready".
+        if problems and problems[0] is not None and closer is None:
             print(problems[0], file=sys.stderr, flush=True)
             return 1
         if busy:
