@@ -103,8 +103,9 @@ class Pump:
             self._timer = loop.timer(deadline - _monotonic())
             self._timer.start(self._timer_fired)
         if trailing:
-            self._count_down(self.tunnel.ws_data(trailing, _monotonic()))
-        self._after()
+            self._guarded(lambda: self._count_down(self.tunnel.ws_data(trailing, _monotonic())))
+        else:
+            self._after()
 
     def sockets(self) -> list[socket.socket]:
         """The two sockets it drives (for a forked child to let go of)."""

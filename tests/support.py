@@ -23,8 +23,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
+import gevent.hub
 import pytest
 
 import gforward
@@ -385,3 +386,25 @@ def watch_end(sock: socket.socket, timeout: float = WAIT) -> End:
     except socket.timeout:
         pytest.fail(f"the local connection was still open after {timeout:g} s")
     return End("EOF", bytes(data), time.monotonic())
+
+
+class HubErrors:
+    """Every error that reached a gevent hub's handle_error while installed."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self._original = gevent.hub.Hub.handle_error
+
+    def __enter__(self) -> HubErrors:
+        original, errors = self._original, self.errors
+
+        def handle_error(hub: Any, context: Any, kind: Any, value: Any, tb: Any) -> None:
+            if not (isinstance(kind, type) and issubclass(kind, hub.NOT_ERROR)):
+                errors.append(f"{context!r}: {kind.__name__}: {value}")
+            original(hub, context, kind, value, tb)
+
+        gevent.hub.Hub.handle_error = handle_error
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gevent.hub.Hub.handle_error = self._original

@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import gevent.hub
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,6 +50,7 @@ from tests.support import (
     APPS,
     WAIT,
     End,
+    HubErrors,
     assert_secret_not_logged,
     connect,
     echo_once,
@@ -810,28 +810,6 @@ _GARBAGE = st.one_of(
     st.lists(st.one_of(_frames(), st.binary(max_size=20)), max_size=6).map(b"".join),
     st.lists(_frames(), max_size=4).map(lambda fs: b"".join(fs) + encode_frame(OP_CLOSE, b"")),
 )
-
-
-class HubErrors:
-    """Every error that reached a gevent hub's handle_error while installed."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self._original = gevent.hub.Hub.handle_error
-
-    def __enter__(self) -> HubErrors:
-        original, errors = self._original, self.errors
-
-        def handle_error(hub: Any, context: Any, kind: Any, value: Any, tb: Any) -> None:
-            if not (isinstance(kind, type) and issubclass(kind, hub.NOT_ERROR)):
-                errors.append(f"{context!r}: {kind.__name__}: {value}")
-            original(hub, context, kind, value, tb)
-
-        gevent.hub.Hub.handle_error = handle_error
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        gevent.hub.Hub.handle_error = self._original
 
 
 @pytest.mark.timeout(120)

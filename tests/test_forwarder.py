@@ -28,8 +28,12 @@ import gforward
 import gforward.daemon
 import gforward.dial
 import gforward.service
+from gforward.proto.tunnel import Tunnel
+from tests.peers.fake_daemon import FakeDaemon, Peer
+from tests.peers.frames import OP_BINARY, encode_frame
 from tests.support import (
     APPS,
+    HubErrors,
     can_bind,
     closed_port,
     connect,
@@ -610,6 +614,38 @@ def test_a_bug_while_a_tunnel_opens_ends_that_tunnel_only(
 
 def _no_pump(*args: object) -> None:
     raise RuntimeError("no pump today")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
+                                                                  "dial in a greenlet"])
+def test_a_bug_with_the_frames_read_along_with_the_101_ends_that_tunnel_only(
+    host: str, log: tuple[logging.Logger, ListHandler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pump's first step, the frames that came with the 101, meets a bug (injected
+    here): the tunnel counts as failed ("internal"), its traceback is logged, the client
+    sees the end, and nothing reaches the hub."""
+    logger, handler = log
+
+    def early_frame(peer: Peer) -> None:
+        peer.read_request()
+        peer.accept(then=encode_frame(OP_BINARY, b"early"))
+        peer.wait_eof()
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("cannot read frames today")
+
+    monkeypatch.setattr(Tunnel, "ws_data", broken)
+    with HubErrors() as hub, FakeDaemon(early_frame) as fake:
+        url = fake.url.replace("127.0.0.1", host)
+        with gforward.start(base_url=url, vm_name="v", logger=logger,
+                            specs=["127.0.0.1:0:127.0.0.1:9"]) as fwd:
+            assert refused(fwd)
+            record = handler.find(logging.ERROR, "closed")
+            assert record.exc_info is not None
+            assert "cannot read frames today" in str(record.exc_info[1])
+            stats = fwd.stats()
+    assert (stats.tunnels_failed, stats.failures) == (1, {"internal": 1})
+    assert not hub.errors, hub.errors
 
 
 # Logging ---------------------------------------------------------------------------------
