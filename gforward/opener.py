@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import gevent
 
-from .dial import REFUSAL_BODY_WAIT, Address, DialError, failure, timed_out
+from .dial import REFUSAL_BODY_WAIT, Address, DialError, failure, set_nodelay, timed_out
 from .proto.handshake import Accepted, ClientHandshake
 from .queues import READ, WRITE
 from .tls import RECV_SIZE
@@ -88,8 +88,8 @@ class Opener:
             self._sock = _socket.socket(family, _socket.SOCK_STREAM | _NONBLOCK)
             if not _NONBLOCK:
                 self._sock.setblocking(False)
-            if family != _socket.AF_UNIX:  # small writes must not wait for Nagle
-                self._sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            if family != _socket.AF_UNIX:  # a unix socket has no Nagle to turn off
+                set_nodelay(self._sock)
         code = self._sock.connect_ex(sockaddr)
         if code in (0, errno.EISCONN):
             self._send()
