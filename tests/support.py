@@ -40,6 +40,10 @@ MARGIN = 2.0  # seconds allowed on top of a stated bound (a loaded CI machine)
 IO_TIMEOUT = 10.0  # no test socket blocks longer than this, unless a test says otherwise
 WAIT = 15.0  # how long a test waits for anything before failing (not a bound under test)
 APPS = Path(__file__).parent / "apps"  # the app scripts, each run as a process of its own
+# A test that runs over each way a tunnel is dialled: from the hub's callbacks (the
+# daemon at an IP address) and in a greenlet (a name to look up first).
+BOTH_DIALS = pytest.mark.parametrize("host", ["127.0.0.1", "localhost"],
+                                     ids=["event-driven dial", "dial in a greenlet"])
 
 Address = Union[tuple[str, int], str]  # ("127.0.0.1", port), or a unix socket's path
 

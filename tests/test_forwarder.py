@@ -33,6 +33,7 @@ from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.frames import OP_BINARY, encode_frame
 from tests.support import (
     APPS,
+    BOTH_DIALS,
     HubErrors,
     can_bind,
     closed_port,
@@ -572,8 +573,7 @@ def test_close_ends_a_tunnel_that_is_still_dialling(echo_server: str) -> None:
 
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
-                                                                  "dial in a greenlet"])
+@BOTH_DIALS
 def test_dial_timeout_bounds_a_silent_daemon(
     host: str, log: tuple[logging.Logger, ListHandler], echo_server: str
 ) -> None:
@@ -592,8 +592,7 @@ def test_dial_timeout_bounds_a_silent_daemon(
             assert (stats.tunnels_open, stats.failures) == (0, {"timeout": 1})
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
-                                                                  "dial in a greenlet"])
+@BOTH_DIALS
 def test_a_bug_while_a_tunnel_opens_ends_that_tunnel_only(
     host: str, log: tuple[logging.Logger, ListHandler], echo_server: str,
     daemon: gforward.daemon.Daemon, monkeypatch: pytest.MonkeyPatch
@@ -616,8 +615,7 @@ def _no_pump(*args: object) -> None:
     raise RuntimeError("no pump today")
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
-                                                                  "dial in a greenlet"])
+@BOTH_DIALS
 def test_a_bug_with_the_frames_read_along_with_the_101_ends_that_tunnel_only(
     host: str, log: tuple[logging.Logger, ListHandler], monkeypatch: pytest.MonkeyPatch
 ) -> None:

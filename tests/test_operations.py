@@ -20,6 +20,7 @@ from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.guest import Guest
 from tests.peers.programs import Program, Programs
 from tests.support import (
+    BOTH_DIALS,
     IO_TIMEOUT,
     WAIT,
     announced_listeners,
@@ -108,8 +109,7 @@ def test_stats_while_tunnels_are_open_and_after(daemon: gforward.daemon.Daemon,
     assert [(s.tunnels_total, s.bytes_up) for s in after.listeners] == [(2, 1010), (1, 5)]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["event-driven dial",
-                                                                  "dial in a greenlet"])
+@BOTH_DIALS
 def test_a_refused_upgrade_is_counted_under_its_status_and_logged(
         host: str, echo_server: str, isolation: str, gflog: pytest.LogCaptureFixture) -> None:
     def refusals() -> list[str]:
