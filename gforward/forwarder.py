@@ -95,12 +95,12 @@ class Forwarder(Service):
             self._patch_noticed = True
             self._log_soon(logging.WARNING, PATCHED_LATE)
         counts = (door.counters, self.counters)
-        for counters in counts:
-            counters.total += 1
-            counters.open += 1
-        connection = Connection(door, local)
         dial.set_nodelay(local)
         name = _TunnelName(route.listener, address)
+        connection = Connection(door, local)
+        for counters in counts:  # from here on, `failed` or `ended` counts its end
+            counters.total += 1
+            counters.open += 1
 
         def failed(exc: BaseException) -> None:
             """Log, count, close, in that order: the client sees the end once it is logged
@@ -140,14 +140,18 @@ class Forwarder(Service):
             connection.open(pump)
             pump.start(trailing)
 
-        upgrade = route.upgrade.handshake()
-        if self._known is None:
-            self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
-            return
-        opener = Opener(self._known, upgrade, settings.dial_timeout, settings.endpoint.describe,
-                        opened, lambda exc: self._pool.spawn(failed, exc))
-        connection.dialling(opener)
-        opener.start()
+        try:
+            upgrade = route.upgrade.handshake()
+            if self._known is None:
+                self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
+                return
+            opener = Opener(self._known, upgrade, settings.dial_timeout,
+                            settings.endpoint.describe, opened,
+                            lambda exc: self._pool.spawn(failed, exc))
+            connection.dialling(opener)
+            opener.start()
+        except Exception as exc:  # a bug before the dial is under way: the tunnel is over,
+            self._pool.spawn(failed, exc)  # counted and logged, not left open for good
 
     def _dial_for(self, upgrade: handshake.ClientHandshake, connection: Connection,
                   opened: Callable[[dial.Stream, bytes], None],

@@ -27,6 +27,7 @@ import pytest
 import gforward
 import gforward.daemon
 import gforward.dial
+import gforward.proto.handshake
 import gforward.service
 from gforward.proto.tunnel import Tunnel
 from tests.peers.fake_daemon import FakeDaemon, Peer
@@ -613,6 +614,33 @@ def test_a_bug_while_a_tunnel_opens_ends_that_tunnel_only(
 
 def _no_pump(*args: object) -> None:
     raise RuntimeError("no pump today")
+
+
+@BOTH_DIALS
+def test_a_bug_before_a_tunnel_dials_ends_that_tunnel_only(
+    host: str, log: tuple[logging.Logger, ListHandler], echo_server: str,
+    daemon: gforward.daemon.Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the accept itself, before any dial (injected here): the client sees the
+    end, the tunnel is counted failed ("internal") and no longer open, its traceback is
+    logged, nothing reaches the hub, and the next tunnel works."""
+    logger, handler = log
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no handshake today")
+
+    with HubErrors() as hub, forward(daemon.url.replace("127.0.0.1", host), echo_server,
+                                     logger=logger) as fwd:
+        with monkeypatch.context() as patched:
+            patched.setattr(gforward.proto.handshake.Upgrade, "handshake", broken)
+            assert refused(fwd)
+        record = handler.find(logging.ERROR, "failed")
+        assert record.exc_info is not None and "no handshake today" in str(record.exc_info[1])
+        stats = fwd.stats()
+        assert (stats.tunnels_open, stats.tunnels_failed, stats.failures) == (
+            0, 1, {"internal": 1})
+        assert echo_once(local_address(fwd), b"next") == b"next"
+    assert not hub.errors, hub.errors
 
 
 @BOTH_DIALS
