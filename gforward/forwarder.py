@@ -117,6 +117,10 @@ class Forwarder(Service):
             local.close()
             connection.done()
 
+        def fail_soon(exc: BaseException) -> None:
+            """`failed`, from the hub's callbacks: in a greenlet of its own."""
+            self._pool.spawn(failed, exc)
+
         def ended(pump: Pump) -> None:
             connection.done()
             cut = pump.tunnel.failed and not connection.aborted
@@ -135,23 +139,24 @@ class Forwarder(Service):
                 pump = dial.open_pump(local, stream, tunnel, ended, counts)
             except Exception as exc:  # a bug: end this tunnel, not the hub
                 stream.close()
-                self._pool.spawn(failed, exc)
+                fail_soon(exc)
                 return
             connection.open(pump)
             pump.start(trailing)
 
         try:
             upgrade = route.upgrade.handshake()
-            if self._known is None:
-                self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
-                return
-            opener = Opener(self._known, upgrade, settings.dial_timeout,
-                            settings.endpoint.describe, opened,
-                            lambda exc: self._pool.spawn(failed, exc))
-            connection.dialling(opener)
-            opener.start()
-        except Exception as exc:  # a bug before the dial is under way: the tunnel is over,
-            self._pool.spawn(failed, exc)  # counted and logged, not left open for good
+            opener = None if self._known is None else Opener(
+                self._known, upgrade, settings.dial_timeout, settings.endpoint.describe,
+                opened, fail_soon)
+        except Exception as exc:  # a bug before the dial: the tunnel ends, counted and logged
+            fail_soon(exc)
+            return
+        if opener is None:
+            self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
+            return
+        connection.dialling(opener)
+        opener.start()  # from here on, the opener ends the dial once: opened or fail_soon
 
     def _dial_for(self, upgrade: handshake.ClientHandshake, connection: Connection,
                   opened: Callable[[dial.Stream, bytes], None],

@@ -53,11 +53,7 @@ class Opener:
 
     def start(self) -> None:
         """Begin, in the hub's thread."""
-        loop = gevent.get_hub().loop
-        loop.update_now()  # its clock may be a loop iteration old: the timer would come early
-        self._deadline = loop.now() + self._timeout
-        self._arm(self._timeout)
-        self._step(self._connect)
+        self._step(self._begin)
 
     def sockets(self) -> list[Any]:
         """The socket it dials, until the pump has it (for a forked child to let go of)."""
@@ -70,17 +66,26 @@ class Opener:
     # Steps, each in a hub callback ----------------------------------------------
 
     def _step(self, step: Callable[[], Accepted | None]) -> None:
-        """Run one step; whatever it raises ends the dial with that error.  The callbacks
-        run outside: what they raise is theirs, for the hub to report."""
+        """Run one step; whatever it raises ends the dial with that error, so that a bug
+        too ends it once (a timer left running would end it again).  The callbacks run
+        outside: what they raise is theirs, for the hub to report."""
         try:
-            accepted = step()
-        except OSError as exc:
-            self._fail(failure(exc, self._where()))
-        except Exception as exc:  # a refusal (HandshakeError), or a bug: the tunnel's end
+            try:
+                accepted = step()
+            except OSError as exc:  # told as the dial's error
+                raise failure(exc, self._where()) from None
+        except Exception as exc:  # that, a refusal, the time running out, or a bug
             self._fail(exc)
         else:
             if accepted is not None:
                 self._open(accepted.trailing)
+
+    def _begin(self) -> None:
+        loop = gevent.get_hub().loop
+        loop.update_now()  # its clock may be a loop iteration old: the timer would come early
+        self._deadline = loop.now() + self._timeout
+        self._arm(self._timeout)
+        self._connect()
 
     def _connect(self) -> None:
         family, sockaddr = self._address
@@ -139,10 +144,10 @@ class Opener:
         if self._timer is not None:
             self._timer.close()
         self._timer = gevent.get_hub().loop.timer(seconds)
-        self._timer.start(self._timed_out)
+        self._timer.start(self._step, self._time_out)
 
-    def _timed_out(self) -> None:
-        self._fail(timed_out(self._handshake, self._where(), self._timeout))
+    def _time_out(self) -> None:
+        raise timed_out(self._handshake, self._where(), self._timeout)
 
     # Watchers ---------------------------------------------------------------------
 

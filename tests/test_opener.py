@@ -218,3 +218,29 @@ def test_an_abort_ends_it_once_and_closes_its_socket() -> None:
         opening.opener.abort("again")
         gevent.sleep(0.1)  # the late answer, had anything still watched for it
     assert opening.calls == 1 and opening.opener.sockets() == []
+
+
+@pytest.mark.parametrize("where", ["missing unix socket", "closed port", "no answer"])
+def test_a_bug_in_making_the_error_ends_it_once_with_that_bug(
+    where: str, short_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dial's error cannot be made (a bug, injected here), whether the dial ends at once
+    (inside start), from a watcher or from its timer: it ends once, with the bug, its
+    socket closed, and no timer is left to end it again."""
+
+    def broken(*args: object) -> BaseException:
+        raise RuntimeError("no error today")
+
+    monkeypatch.setattr(gforward.opener, "failure", broken)
+    monkeypatch.setattr(gforward.opener, "timed_out", broken)
+    with blackhole() as port:
+        address = {
+            "missing unix socket": (socket.AF_UNIX, os.path.join(short_tmp, "nobody.sock")),
+            "closed port": (socket.AF_INET, ("127.0.0.1", closed_port())),
+            "no answer": (socket.AF_INET, ("127.0.0.1", port)),
+        }[where]
+        opening = Dial(address, timeout=0.3)
+        exc = opening.error()
+        gevent.sleep(0.3 + 0.2)  # past the timeout: a timer left running would end it again
+    assert isinstance(exc, RuntimeError) and str(exc) == "no error today"
+    assert opening.calls == 1 and opening.opener.sockets() == []
