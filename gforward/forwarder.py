@@ -146,16 +146,15 @@ class Forwarder(Service):
 
         try:
             upgrade = route.upgrade.handshake()
-            opener = None if self._known is None else Opener(
-                self._known, upgrade, settings.dial_timeout, settings.endpoint.describe,
-                opened, fail_soon)
+            if self._known is None:
+                self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
+                return
+            opener = Opener(self._known, upgrade, settings.dial_timeout,
+                            settings.endpoint.describe, opened, fail_soon)
+            connection.dialling(opener)
         except Exception as exc:  # a bug before the dial: the tunnel ends, counted and logged
             fail_soon(exc)
             return
-        if opener is None:
-            self._pool.spawn(self._dial_for, upgrade, connection, opened, failed)
-            return
-        connection.dialling(opener)
         opener.start()  # from here on, the opener ends the dial once: opened or fail_soon
 
     def _dial_for(self, upgrade: handshake.ClientHandshake, connection: Connection,

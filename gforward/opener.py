@@ -52,7 +52,8 @@ class Opener:
         self._waiting: Any = None  # the one watcher the dial waits on
 
     def start(self) -> None:
-        """Begin, in the hub's thread."""
+        """Begin, in the hub's thread.  It raises nothing of its own: a dial that ends at
+        once (a unix socket that is not there) has called on_fail by the time it returns."""
         self._step(self._begin)
 
     def sockets(self) -> list[Any]:
@@ -72,8 +73,8 @@ class Opener:
         try:
             try:
                 accepted = step()
-            except OSError as exc:  # told as the dial's error
-                raise failure(exc, self._where()) from None
+            except OSError as exc:  # told as the dial's error, as dial's greenlet path does;
+                raise failure(exc, self._where()) from exc  # a bug in that lands below too
         except Exception as exc:  # that, a refusal, the time running out, or a bug
             self._fail(exc)
         else:
@@ -81,6 +82,7 @@ class Opener:
                 self._open(accepted.trailing)
 
     def _begin(self) -> None:
+        """The first step: the timer is armed inside the guard, like everything else."""
         loop = gevent.get_hub().loop
         loop.update_now()  # its clock may be a loop iteration old: the timer would come early
         self._deadline = loop.now() + self._timeout
@@ -147,6 +149,7 @@ class Opener:
         self._timer.start(self._step, self._time_out)
 
     def _time_out(self) -> None:
+        """A step of the timer: raised, so that a bug in making this error ends it too."""
         raise timed_out(self._handshake, self._where(), self._timeout)
 
     # Watchers ---------------------------------------------------------------------
@@ -170,9 +173,11 @@ class Opener:
 
     def _open(self, trailing: bytes) -> None:
         callbacks = self._end()
-        if callbacks is not None:
-            callbacks[0](self._sock, trailing)
-        self._sock = None  # listed until then, so that a fork meanwhile finds it
+        try:
+            if callbacks is not None:
+                callbacks[0](self._sock, trailing)
+        finally:  # the socket is on_open's now, even if it raised
+            self._sock = None  # listed until then, so that a fork meanwhile finds it
 
     def _fail(self, exc: BaseException) -> None:
         callbacks = self._end()

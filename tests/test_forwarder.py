@@ -27,6 +27,7 @@ import pytest
 import gforward
 import gforward.daemon
 import gforward.dial
+import gforward.opener
 import gforward.proto.handshake
 import gforward.service
 from gforward.proto.tunnel import Tunnel
@@ -642,6 +643,27 @@ def test_a_bug_before_a_tunnel_dials_ends_that_tunnel_only(
         assert echo_once(local_address(fwd), b"next") == b"next"
     assert not hub.errors, hub.errors
 
+
+@pytest.mark.parametrize("daemon", ["missing unix socket", "closed port"])
+def test_a_bug_in_making_a_dial_error_counts_the_tunnel_once(
+    daemon: str, short_tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event-driven dial fails and its error cannot be made (a bug, injected here), at
+    once or from a watcher: the client sees the end, and past the dial's timeout the tunnel
+    is still counted once, failed "internal", not open, with nothing in the hub."""
+
+    def broken(*args: object) -> BaseException:
+        raise RuntimeError("no error today")
+
+    monkeypatch.setattr(gforward.opener, "failure", broken)
+    url = (f"unix://{os.path.join(short_tmp, 'nobody.sock')}" if daemon == "missing unix socket"
+           else f"http://127.0.0.1:{closed_port()}")
+    with HubErrors() as hub, forward(url, dial_timeout=0.3) as fwd:
+        assert refused(fwd)
+        time.sleep(0.3 + 0.5)  # past the dial's timeout: a timer left running ends it again
+        stats = fwd.stats()
+    assert (stats.tunnels_open, stats.tunnels_failed, stats.failures) == (0, 1, {"internal": 1})
+    assert not hub.errors, hub.errors
 
 @BOTH_DIALS
 def test_a_bug_with_the_frames_read_along_with_the_101_ends_that_tunnel_only(

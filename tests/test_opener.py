@@ -26,7 +26,7 @@ from gforward.opener import CONNECT_RETRY, Opener
 from gforward.options import Options, settle
 from gforward.proto import frames, handshake
 from tests.peers.fake_daemon import FakeDaemon, Peer, Script, answer_then_wait, silent
-from tests.support import IO_TIMEOUT, MARGIN, blackhole, closed_port, wait_until
+from tests.support import IO_TIMEOUT, MARGIN, HubErrors, blackhole, closed_port, wait_until
 
 WHERE = "the daemon"
 
@@ -233,7 +233,7 @@ def test_a_bug_in_making_the_error_ends_it_once_with_that_bug(
 
     monkeypatch.setattr(gforward.opener, "failure", broken)
     monkeypatch.setattr(gforward.opener, "timed_out", broken)
-    with blackhole() as port:
+    with HubErrors() as hub, blackhole() as port:
         address = {
             "missing unix socket": (socket.AF_UNIX, os.path.join(short_tmp, "nobody.sock")),
             "closed port": (socket.AF_INET, ("127.0.0.1", closed_port())),
@@ -244,3 +244,4 @@ def test_a_bug_in_making_the_error_ends_it_once_with_that_bug(
         gevent.sleep(0.3 + 0.2)  # past the timeout: a timer left running would end it again
     assert isinstance(exc, RuntimeError) and str(exc) == "no error today"
     assert opening.calls == 1 and opening.opener.sockets() == []
+    assert not hub.errors, hub.errors
