@@ -23,12 +23,19 @@ from typing import Any, Callable
 
 import gevent
 
+from . import fork
 from .proto.records import Counters
 from .proto.tunnel import Tunnel
 from .queues import CHUNK, IOV_MAX, READ, WRITE, describe, give_buffer, send_queue, take_buffer
 
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
+LINGER_STALL = 10.0  # seconds a local side that still sends may acknowledge nothing at the end
+_LINGER_STEP = 0.02  # seconds between looks at what it has not acknowledged yet
+# Local sockets of ended tunnels, closing once acknowledged: a forked child lets go of them
+# too, or its copy would hold the connection open past the parent's close.
+_lingering: set[socket.socket] = set()
+fork.on_fork(lambda: fork.release(list(_lingering)))
 
 
 def _reading(watcher: Any, on: bool, callback: Callable[[], None], want: bool) -> bool:
@@ -69,9 +76,9 @@ class Pump:
     `on_end(pump)` once and closes both sockets.  `counts` (a listener's and its
     forwarder's) see payload bytes as they move."""
 
-    __slots__ = ("_counts", "_loop", "_on_end", "_plain", "_plain_buf", "_plain_on",
-                 "_plain_r", "_plain_shut", "_plain_w", "_timer", "_ws", "_ws_buf", "_ws_on",
-                 "_ws_r", "_ws_w", "exception", "tunnel")
+    __slots__ = ("_counts", "_loop", "_on_end", "_plain", "_plain_buf", "_plain_eof",
+                 "_plain_on", "_plain_r", "_plain_shut", "_plain_w", "_timer", "_ws", "_ws_buf",
+                 "_ws_on", "_ws_r", "_ws_w", "exception", "tunnel")
 
     def __init__(self, plain: socket.socket, ws: socket.socket, tunnel: Tunnel,
                  on_end: Callable[[Pump], None], counts: tuple[Counters, Counters]) -> None:
@@ -89,6 +96,7 @@ class Pump:
         self._timer: Any = None
         self._plain_on = self._ws_on = False  # whether each read watcher runs
         self._plain_shut = False
+        self._plain_eof = False  # the local side has sent its last byte
         # A read buffer whose bytes a queue still holds (to_ws, to_plain), until it empties.
         self._plain_buf: bytearray | None = None
         self._ws_buf: bytearray | None = None
@@ -165,6 +173,7 @@ class Pump:
             mine.up += count
             everyone.up += count
         else:
+            self._plain_eof = True
             self.tunnel.plain_eof()
 
     def _plain_failed(self, exc: OSError) -> None:
@@ -335,12 +344,36 @@ class Pump:
         if cut:  # failed, or ended from outside before both sides finished: not an EOF
             with contextlib.suppress(OSError):
                 self._plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        self._plain.close()
         self._ws.close()
+        if cut or self._plain_eof or self._plain.family == socket.AF_UNIX:
+            self._plain.close()
+        else:
+            self._linger(-1, 0.0)
         for buf in (self._plain_buf, self._ws_buf):
             if buf is not None:
                 give_buffer(buf)
         self._plain_buf = self._ws_buf = None
+
+    def _linger(self, left: int, since: float) -> None:
+        """A clean end while the local side still sends (the daemon closed first): close
+        plain once it has acknowledged every byte sent to it.  Closed with unread bytes, a
+        TCP socket is reset at once and what its kernel had not sent yet is dropped, the end
+        of a reply included; so the reset (its upload was cut) comes after the whole reply.
+        A side that acknowledges nothing for LINGER_STALL seconds is reset then.  A unix
+        socket's peer already holds what was sent: it closes at once."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        now, unsent = _monotonic(), _unsent(self._plain)
+        if unsent != left:
+            since = now
+        if not unsent or now - since >= LINGER_STALL:
+            _lingering.discard(self._plain)
+            self._plain.close()
+            return
+        _lingering.add(self._plain)
+        self._timer = self._loop.timer(_LINGER_STEP)
+        self._timer.start(self._linger, unsent, since)
 
     def _last_words(self) -> None:
         """Best effort before the WebSocket closes: what is queued for it."""

@@ -4,6 +4,8 @@ frames while an upload is blocked."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -163,3 +165,42 @@ def test_a_guest_that_reads_slowly_for_long_keeps_its_tunnel(
         sock.shutdown(socket.SHUT_WR)
         assert read_to_eof(sock) == hashlib.sha256(upload).hexdigest().encode()
         assert fwd.stats().tunnels_failed == 0
+
+
+def test_a_reply_ended_while_the_client_still_uploads_arrives_whole_then_a_reset(
+        daemon: gforward.daemon.Daemon) -> None:
+    """The guest answers and half-closes while the client is still sending (a server that
+    answers early, as with 413): the WebSocket cannot carry that half-close, so the upload
+    is cut. The client, reading slowly, still gets every byte of the reply before its
+    connection ends, and a reset tells it that its upload was cut (whichever of its
+    calls meets it first: here the sending thread's)."""
+    reply = os.urandom(4 << 20)
+    block = os.urandom(64 << 10)
+
+    def answers_early(sock: socket.socket) -> None:
+        sock.sendall(reply)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 20):  # what the client sends, read and dropped
+            pass
+
+    cut: list[OSError] = []
+
+    def uploads(sock: socket.socket) -> None:
+        try:
+            while True:
+                sock.sendall(block)
+        except OSError as exc:  # the reset: the upload was cut
+            cut.append(exc)
+
+    with Guest(answers_early) as guest, forward(daemon.url, guest.target) as fwd, \
+            connect(fwd, timeout=20) as sock:
+        uploader = threading.Thread(target=uploads, args=(sock,), daemon=True)
+        uploader.start()
+        received = 0
+        with contextlib.suppress(ConnectionResetError):  # the reset, if the reader sees it
+            while data := sock.recv(64 << 10):
+                received += len(data)
+                time.sleep(0.002)  # a slow reader: the forwarder's send queue stays full
+        uploader.join(20)
+    assert received == len(reply)
+    assert cut and cut[0].errno in (errno.ECONNRESET, errno.EPIPE), cut

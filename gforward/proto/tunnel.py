@@ -24,7 +24,8 @@ The rules (RFC 6455 section 7, with TCP half-closes carried across):
   came before it.  The roles differ in what follows.  A client takes the
   daemon's Close as the end: it answers at once (after the frames already
   queued), reads plain no more, and the tunnel is over; the kernel resets a
-  connection closed with unread bytes, so nothing is lost silently.  A
+  connection closed with unread bytes, so nothing is lost silently (the driver
+  closes it once plain has acknowledged every byte sent to it).  A
   server (the daemon) takes a client's Close as a half-close: plain may
   still answer, and the server's own Close follows plain's EOF.
 * Control frames never wait behind a data frame that has not started: a Ping
