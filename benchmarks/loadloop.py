@@ -267,7 +267,9 @@ class Stream:
     first `prefix` bytes (kept in `head`: a guest learns from them which client it
     serves); `on_head` and `on_read` are told when the head is complete and after
     each read. `hold` keeps it from sending (a callback may clear it, or the loop's
-    `release()`); `repeat` sends `outgoing` over and over until the loop's `stop()`.
+    `release()`); `repeat` sends `outgoing` over and over until the loop's `stop()`;
+    `shut_after_eof` waits for the peer's EOF before shutting (a guest behind a
+    WebSocket, which cannot carry a half-close while the client still sends).
     It ends at EOF once its sending is done, or at the first socket error (`error`);
     `ended` is then the time.monotonic() of that.
     """
@@ -275,12 +277,15 @@ class Stream:
     def __init__(self, sock: socket.socket, outgoing: Sequence[Buffer] | None = None, *,
                  prefix: int = 0, on_head: Callable[[Stream, bytes], None] | None = None,
                  on_read: Callable[[Stream], None] | None = None, hold: bool = False,
-                 repeat: bool = False, connecting: bool = False) -> None:
+                 repeat: bool = False, connecting: bool = False,
+                 shut_after_eof: bool = False) -> None:
         self.sock = sock
         self.outgoing: list[memoryview] | None = None
         self.prefix, self.on_head, self.on_read = prefix, on_head, on_read
         self.head = bytearray()
         self.hold, self.repeat, self.connecting = hold, repeat, connecting
+        self.shut_after_eof = shut_after_eof
+        self._sent_all = False  # everything went; the shut waits for the peer's EOF
         self.sent = self.received = 0
         self.digest = hashlib.sha256()  # of what was read after the prefix
         self.eof = self.shut = False
@@ -302,7 +307,8 @@ class Stream:
 
     @property
     def wants_write(self) -> bool:
-        return self.connecting or (not self.hold and not self.shut and self.outgoing is not None)
+        return self.connecting or (not self.hold and not self.shut and not self._sent_all
+                                   and self.outgoing is not None)
 
     @property
     def done(self) -> bool:
@@ -338,6 +344,11 @@ class Stream:
         if self.repeat and not stopping and self.outgoing:
             self._part = 0
             return
+        self._sent_all = True
+        if self.eof or not self.shut_after_eof:
+            self._shut()
+
+    def _shut(self) -> None:
         self.shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -354,6 +365,8 @@ class Stream:
             return
         if not data:
             self.eof = True
+            if self._sent_all and not self.shut:
+                self._shut()
             return
         if len(self.head) < self.prefix:
             take = self.prefix - len(self.head)

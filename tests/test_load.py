@@ -133,8 +133,10 @@ def forward_to(daemon_url: str, guest: socket.socket) -> gforward.Forwarder:
 def test_1000_tunnels_each_moving_1_mib_both_ways(
     daemon_url: str, guest_listener: socket.socket
 ) -> None:
-    """All at once (the guest answers no one before all 1,000 have arrived), sha256 each
-    way per tunnel; then close() leaves no descriptor and no greenlet behind."""
+    """All at once (the guest answers no one before all 1,000 have arrived, and shuts its
+    side only after the client's: a WebSocket cannot carry a guest's half-close while the
+    client still sends), sha256 each way per tunnel; then close() leaves no descriptor and
+    no greenlet behind."""
     up, down = Rotations(SIZE), Rotations(SIZE)
     guests: list[Stream] = []
 
@@ -143,7 +145,8 @@ def test_1000_tunnels_each_moving_1_mib_both_ways(
             (i,) = struct.unpack("!Q", head)
             stream.send_later([down[i]])
 
-        stream = Stream(sock, prefix=8, on_head=answer, hold=len(guests) + 1 < TUNNELS)
+        stream = Stream(sock, prefix=8, on_head=answer, hold=len(guests) + 1 < TUNNELS,
+                        shut_after_eof=True)
         guests.append(stream)
         if len(guests) == TUNNELS:
             loop.release()
