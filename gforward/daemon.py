@@ -168,7 +168,6 @@ class Daemon(Service):
             return
 
         def ended(pump: Pump) -> None:
-            connection.done()
             self._log_soon(logging.ERROR if pump.exception else logging.DEBUG,
                            "tunnel to %s closed (%d bytes up, %d down): %s", detail,
                            pump.tunnel.received, pump.tunnel.sent, pump.tunnel.outcome,

@@ -122,7 +122,6 @@ class Forwarder(Service):
             self._pool.spawn(failed, exc)
 
         def ended(pump: Pump) -> None:
-            connection.done()
             cut = pump.tunnel.failed and not connection.aborted
             _over(counts, pump.tunnel.cause if cut else "")
             self._log_soon(logging.ERROR if pump.exception else

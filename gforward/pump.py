@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import gevent
 
-from . import fork
 from .proto.records import Counters
 from .proto.tunnel import Tunnel
 from .queues import CHUNK, IOV_MAX, READ, WRITE, describe, give_buffer, send_queue, take_buffer
@@ -31,11 +30,9 @@ from .queues import CHUNK, IOV_MAX, READ, WRITE, describe, give_buffer, send_que
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
 LINGER_STALL = 10.0  # seconds a local side that still sends may acknowledge nothing at the end
-_LINGER_STEP = 0.02  # seconds between looks at what it has not acknowledged yet
-# Local sockets of ended tunnels, closing once acknowledged: a forked child lets go of them
-# too, or its copy would hold the connection open past the parent's close.
-_lingering: set[socket.socket] = set()
-fork.on_fork(lambda: fork.release(list(_lingering)))
+# Seconds between looks at what it has not acknowledged: the first, and the longest (each
+# look without progress waits twice as long as the one before).
+LINGER_STEPS = (0.02, 0.5)
 
 
 def _reading(watcher: Any, on: bool, callback: Callable[[], None], want: bool) -> bool:
@@ -58,6 +55,14 @@ def _retransmitting(sock: socket.socket) -> bool:
     return len(info) > 2 and info[2] > 0
 
 
+def _gone(sock: socket.socket) -> bool:
+    """Whether the peer reset the connection: what it has not acknowledged, it never will."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    except OSError:
+        return True
+
+
 def _unsent(sock: socket.socket) -> int:
     """Bytes the kernel still holds for the peer (SIOCOUTQ, Linux): a peer that leaves
     them there is held back by flow control, and would not see a Ping behind them."""
@@ -78,7 +83,7 @@ class Pump:
 
     __slots__ = ("_counts", "_loop", "_on_end", "_plain", "_plain_buf", "_plain_eof",
                  "_plain_on", "_plain_r", "_plain_shut", "_plain_w", "_timer", "_ws", "_ws_buf",
-                 "_ws_on", "_ws_r", "_ws_w", "exception", "tunnel")
+                 "_ws_on", "_ws_r", "_ws_w", "exception", "on_closed", "tunnel")
 
     def __init__(self, plain: socket.socket, ws: socket.socket, tunnel: Tunnel,
                  on_end: Callable[[Pump], None], counts: tuple[Counters, Counters]) -> None:
@@ -87,6 +92,8 @@ class Pump:
         self._plain = plain  # non-blocking sockets of the standard library's kind
         self._ws = ws
         self._on_end: Callable[[Pump], None] | None = on_end
+        # Called once both sockets are closed, which may come after on_end (see _linger).
+        self.on_closed: Callable[[], None] | None = None
         self._counts = counts
         self._loop: Any = None
         self._plain_r: Any = None
@@ -120,10 +127,15 @@ class Pump:
         return [self._plain, self._ws]
 
     def abort(self, reason: str) -> None:
-        """End the tunnel now, from the hub's thread (the forwarder closes)."""
+        """End the tunnel now, from the hub's thread (the forwarder closes); one that ended
+        and waits for its local side's acknowledgements closes now."""
         if self._on_end is not None:
             self.tunnel.abort(reason)
             self._finish()
+        elif self._timer is not None:  # lingering
+            self._timer.close()
+            self._timer = None
+            self._close_plain()
 
     # Callbacks, in the hub ----------------------------------------------------
 
@@ -345,35 +357,41 @@ class Pump:
             with contextlib.suppress(OSError):
                 self._plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self._ws.close()
-        if cut or self._plain_eof or self._plain.family == socket.AF_UNIX:
-            self._plain.close()
-        else:
-            self._linger(-1, 0.0)
         for buf in (self._plain_buf, self._ws_buf):
             if buf is not None:
                 give_buffer(buf)
         self._plain_buf = self._ws_buf = None
+        if cut or self._plain_eof or self._plain.family == socket.AF_UNIX:
+            self._close_plain()
+        else:
+            self._linger(-1, 0.0, LINGER_STEPS[0])
 
-    def _linger(self, left: int, since: float) -> None:
+    def _linger(self, left: int, since: float, step: float) -> None:
         """A clean end while the local side still sends (the daemon closed first): close
-        plain once it has acknowledged every byte sent to it.  Closed with unread bytes, a
-        TCP socket is reset at once and what its kernel had not sent yet is dropped, the end
-        of a reply included; so the reset (its upload was cut) comes after the whole reply.
-        A side that acknowledges nothing for LINGER_STALL seconds is reset then.  A unix
+        plain once it has acknowledged every byte sent to it (our FIN may wait for a delayed
+        ACK: it carries no data).  Closed with unread bytes, a TCP socket is reset at once
+        and what its kernel had not sent yet is dropped, the end of a reply included; so the
+        reset (its upload was cut) comes after the whole reply.  A side gone meanwhile, or
+        one that acknowledges nothing for LINGER_STALL seconds, is closed then.  A unix
         socket's peer already holds what was sent: it closes at once."""
         if self._timer is not None:
             self._timer.close()
             self._timer = None
         now, unsent = _monotonic(), _unsent(self._plain)
         if unsent != left:
-            since = now
-        if not unsent or now - since >= LINGER_STALL:
-            _lingering.discard(self._plain)
-            self._plain.close()
+            since, step = now, LINGER_STEPS[0]
+        if unsent <= self._plain_shut or now - since >= LINGER_STALL or _gone(self._plain):
+            self._close_plain()
             return
-        _lingering.add(self._plain)
-        self._timer = self._loop.timer(_LINGER_STEP)
-        self._timer.start(self._linger, unsent, since)
+        self._timer = self._loop.timer(step)
+        self._timer.start(self._linger, unsent, since, min(step * 2, LINGER_STEPS[1]))
+
+    def _close_plain(self) -> None:
+        """The last step: plain closed, and whoever keeps the tunnel told so."""
+        self._plain.close()
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
 
     def _last_words(self) -> None:
         """Best effort before the WebSocket closes: what is queued for it."""

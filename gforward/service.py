@@ -32,6 +32,7 @@ from .errors import ForwardError
 from .listen import AcceptingServer, ListeningSocket, listen_tcp, listen_unix
 from .proto.mapping import AddressMapping
 from .proto.records import Counters
+from .pump import Pump
 
 _S = TypeVar("_S", bound="Service")
 JOIN_TIMEOUT = 2.0  # how long closing lets handlers finish after their sockets closed
@@ -76,11 +77,13 @@ class Connection:
         """From now on `driver` runs its dial (and a close ends it through the driver)."""
         self.driver = driver
 
-    def open(self, pump: Driver) -> None:
+    def open(self, pump: Pump) -> None:
         """The tunnel is open: from now on its pump owns every socket (the gevent
-        wrappers they came in, with idle watchers each, can go)."""
+        wrappers they came in, with idle watchers each, can go), and the connection is over
+        once the pump has closed them."""
         self.driver = pump
         self._sockets = []
+        pump.on_closed = self.done
 
     def abort(self) -> None:
         self.aborted = True

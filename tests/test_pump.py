@@ -9,12 +9,14 @@ import errno
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 
 import gforward
 import gforward.daemon
+from gforward.pump import LINGER_STALL
 from tests.peers.fake_daemon import FakeDaemon, Peer
 from tests.peers.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, encode_frame
 from tests.peers.guest import Guest
@@ -167,40 +169,88 @@ def test_a_guest_that_reads_slowly_for_long_keeps_its_tunnel(
         assert fwd.stats().tunnels_failed == 0
 
 
-def test_a_reply_ended_while_the_client_still_uploads_arrives_whole_then_a_reset(
-        daemon: gforward.daemon.Daemon) -> None:
-    """The guest answers and half-closes while the client is still sending (a server that
-    answers early, as with 413): the WebSocket cannot carry that half-close, so the upload
-    is cut. The client, reading slowly, still gets every byte of the reply before its
-    connection ends, and a reset tells it that its upload was cut (whichever of its
-    calls meets it first: here the sending thread's)."""
-    reply = os.urandom(4 << 20)
-    block = os.urandom(64 << 10)
+REPLY = os.urandom(4 << 20)  # more than the client's socket takes while it does not read
 
-    def answers_early(sock: socket.socket) -> None:
-        sock.sendall(reply)
+
+class Uploading:
+    """A client whose guest answers with REPLY and half-closes at once, while the client
+    keeps uploading (a server that answers early, as with 413): the WebSocket cannot carry
+    that half-close, so the daemon's Close ends the tunnel and the upload is cut, which the
+    uploading thread learns from a reset (`cut`)."""
+
+    def __init__(self, fwd: gforward.Forwarder) -> None:
+        self.fwd = fwd
+        self.sock = connect(fwd, timeout=20)
+        self.cut: list[OSError] = []
+        self.uploader = threading.Thread(target=self._upload, daemon=True)
+        self.uploader.start()
+
+    @staticmethod
+    def guest(sock: socket.socket) -> None:
+        sock.sendall(REPLY)
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(1 << 20):  # what the client sends, read and dropped
             pass
 
-    cut: list[OSError] = []
-
-    def uploads(sock: socket.socket) -> None:
+    def _upload(self) -> None:
+        block = b"u" * (64 << 10)
         try:
             while True:
-                sock.sendall(block)
+                self.sock.sendall(block)
         except OSError as exc:  # the reset: the upload was cut
-            cut.append(exc)
+            self.cut.append(exc)
 
-    with Guest(answers_early) as guest, forward(daemon.url, guest.target) as fwd, \
-            connect(fwd, timeout=20) as sock:
-        uploader = threading.Thread(target=uploads, args=(sock,), daemon=True)
-        uploader.start()
-        received = 0
-        with contextlib.suppress(ConnectionResetError):  # the reset, if the reader sees it
-            while data := sock.recv(64 << 10):
-                received += len(data)
-                time.sleep(0.002)  # a slow reader: the forwarder's send queue stays full
-        uploader.join(20)
-    assert received == len(reply)
-    assert cut and cut[0].errno in (errno.ECONNRESET, errno.EPIPE), cut
+    def lingering(self) -> bool:
+        """Whether the tunnel has ended (counted) while its local socket still waits."""
+        def ended() -> bool:
+            stats = self.fwd.stats()
+            return stats.tunnels_total == 1 and not stats.tunnels_open
+
+        return wait_until(ended, 10) and any(door.connections for door in self.fwd._doors)
+
+    def told_of_the_cut(self, within: float) -> bool:
+        self.uploader.join(within)
+        return bool(self.cut) and self.cut[0].errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+def test_a_reply_ended_while_the_client_still_uploads_arrives_whole_then_a_reset(
+        daemon: gforward.daemon.Daemon) -> None:
+    """The client, reading slowly, gets every byte of the reply before its connection
+    ends, and a reset tells it that its upload was cut (whichever of its calls meets it
+    first: here the sending thread's)."""
+    with Guest(Uploading.guest) as guest, forward(daemon.url, guest.target) as fwd:
+        client = Uploading(fwd)
+        with client.sock as sock:
+            received = 0
+            with contextlib.suppress(ConnectionResetError):  # the reset, if the reader sees it
+                while data := sock.recv(64 << 10):
+                    received += len(data)
+                    time.sleep(0.002)  # a slow reader: the forwarder's send queue stays full
+            assert client.told_of_the_cut(20)
+    assert received == len(REPLY)
+
+
+def test_a_close_ends_a_tunnel_that_waits_for_its_client(
+        daemon: gforward.daemon.Daemon) -> None:
+    """The tunnel ended and waits for the client to acknowledge the reply (it does not
+    read): the forwarder's close() cuts it at once, without waiting LINGER_STALL."""
+    with Guest(Uploading.guest) as guest, forward(daemon.url, guest.target) as fwd:
+        client = Uploading(fwd)
+        with client.sock:
+            assert client.lingering()
+            fwd.close()
+            assert client.told_of_the_cut(LINGER_STALL / 2)
+
+
+def test_a_client_gone_while_its_tunnel_waits_is_let_go_at_once(
+        daemon: gforward.daemon.Daemon) -> None:
+    """The client resets its connection while the ended tunnel waits for its
+    acknowledgements, which will never come: the forwarder lets go of it at once, not
+    after LINGER_STALL."""
+    with Guest(Uploading.guest) as guest, forward(daemon.url, guest.target) as fwd:
+        client = Uploading(fwd)
+        assert client.lingering()
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.sock.close()
+        assert wait_until(lambda: not any(door.connections for door in fwd._doors),
+                          LINGER_STALL / 2)
