@@ -31,7 +31,7 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _monotonic = time.monotonic
 LINGER_STALL = 10.0  # seconds a local side that still sends may acknowledge nothing at the end
 # Seconds between looks at what it has not acknowledged: the first, and the longest (each
-# look without progress waits twice as long as the one before).
+# look waits twice as long as the one before, progress or not: closing late costs nothing).
 LINGER_STEPS = (0.02, 0.5)
 
 
@@ -378,8 +378,8 @@ class Pump:
             self._timer.close()
             self._timer = None
         now, unsent = _monotonic(), _unsent(self._plain)
-        if unsent != left:
-            since, step = now, LINGER_STEPS[0]
+        if unsent != left:  # progress; the looks go on backing off (closing late is free)
+            since = now
         if unsent <= self._plain_shut or now - since >= LINGER_STALL or _gone(self._plain):
             self._close_plain()
             return

@@ -347,8 +347,9 @@ class Service:
         self._detached = self._closing = True
         live.services.discard(self)
         handlers = list(self._pool)
-        connections = [c for door in self._doors for c in door.connections]
-        sockets = [door.bound.sock for door in self._doors]
+        doors = self._doors + list(self._leaving)  # removed listeners' tunnels too
+        connections = [c for door in doors for c in door.connections]
+        sockets = [door.bound.sock for door in doors]
         sockets += [sock for connection in connections for sock in connection.sockets]
         sockets += [sock for handler in handlers for sock in fork.accepted_sockets(handler)]
         fork.release(sockets)

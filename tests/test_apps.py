@@ -165,11 +165,13 @@ def test_fork_while_a_connection_is_not_yet_open(moment: str) -> None:
     assert "the client saw eof" in lines[0] or "the client saw reset" in lines[0], lines
 
 
-def test_fork_while_an_ended_tunnel_lingers() -> None:
-    """The reply whole, and the child's copy of the lingering socket let go of at once."""
-    lines = checked(run_app("fork_linger.py"))
-    assert line_with(lines, "forked while the tunnel lingered: the client got 4194304 of "
-                     "4194304 bytes"), lines
+@pytest.mark.parametrize("listener", ["serving", "removing"])
+def test_fork_while_an_ended_tunnel_lingers(listener: str) -> None:
+    """The reply whole, and the child's copy of the lingering socket let go of at once,
+    also while its listener is being removed."""
+    lines = checked(run_app("fork_linger.py", *(["removing"] if listener == "removing" else [])))
+    assert line_with(lines, "forked while the tunnel lingered: the client got 1048576 of "
+                     "1048576 bytes"), lines
 
 
 def test_exit_hook_while_another_thread_closes_services() -> None:

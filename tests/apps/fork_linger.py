@@ -7,8 +7,10 @@ child forked then must let go of that socket at once: once the client reads
 again, it gets the whole reply, and its upload learns that it was cut (a
 reset) though the child lives on: the child's copy would keep the connection
 open, the upload waiting, until the child exits.  Exit 0 only if it does.
+With `removing`, the fork comes while the listener is being removed with a
+drain, which waits for that tunnel: a listener on its way out is let go of too.
 
-    python tests/apps/fork_linger.py
+    python tests/apps/fork_linger.py [removing]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import gforward.daemon
 warnings.filterwarnings("ignore", r".*use of fork\(\) may lead to deadlocks",
                         DeprecationWarning)
 
-REPLY = os.urandom(4 << 20)
+REPLY = os.urandom(1 << 20)  # far more than the client's socket takes while it does not read
 CHILD_LIVES = 8.0  # seconds: the client must see its end well before the child exits
 
 
@@ -52,7 +54,7 @@ def upload(sock: socket.socket, cut: threading.Event) -> None:
         cut.set()
 
 
-def main() -> int:
+def main(removing: bool) -> int:
     support.watchdog(30)
     problems: list[str] = []
     listener = socket.socket()
@@ -72,6 +74,10 @@ def main() -> int:
     if fwd.stats().tunnels_open or not any(door.connections for door in fwd._doors):
         problems.append("the tunnel did not end and linger: nothing was tested")
         return support.verdict(problems)
+    if removing:  # the drain waits for the lingering tunnel, past the fork
+        threading.Thread(target=fwd.remove, args=(fwd.listeners[0], 6.0), daemon=True).start()
+        while fwd.listeners and time.monotonic() < deadline:
+            time.sleep(0.01)
     pid = os.fork()
     if pid == 0:
         time.sleep(CHILD_LIVES)
@@ -103,4 +109,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] == ["removing"]))
