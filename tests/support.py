@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Union
 
 import gevent.hub
 import pytest
@@ -143,6 +143,16 @@ def refused_then_echo_works(fwd: gforward.Forwarder, caplog: pytest.LogCaptureFi
     assert_logged(caplog, *logged)
     assert echo_once(local_address(fwd), b"next one works") == b"next one works"
     assert_secret_not_logged(caplog, secret)
+
+
+def bug(message: str) -> Callable[..., NoReturn]:
+    """A stand-in that raises RuntimeError(message) however it is called: a bug injected
+    where the code under test calls it."""
+
+    def broken(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError(message)
+
+    return broken
 
 
 def wait_until(condition: Callable[[], object], timeout: float,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from gforward import command
+from tests.support import bug
 
 RESCUE = 10.0  # seconds before a stuck serve() is ended with SIGTERM (then it returns 0)
 
@@ -66,10 +67,7 @@ def test_a_readiness_problem_ends_it_with_1(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.usefixtures("rescue")
 def test_a_readiness_check_that_fails_ends_it_with_1(capsys: pytest.CaptureFixture[str]) -> None:
-    def broken(_: _Service) -> str | None:
-        raise RuntimeError("a bug")
-
-    status, service = serve(broken)
+    status, service = serve(bug("a bug"))
     assert (status, service.closed) == (1, True)
     err = capsys.readouterr().err
     assert "Traceback" in err

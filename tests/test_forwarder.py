@@ -37,6 +37,7 @@ from tests.support import (
     APPS,
     BOTH_DIALS,
     HubErrors,
+    bug,
     can_bind,
     closed_port,
     connect,
@@ -604,17 +605,13 @@ def test_a_bug_while_a_tunnel_opens_ends_that_tunnel_only(
     logger, handler = log
     with forward(daemon.url.replace("127.0.0.1", host), echo_server, logger=logger) as fwd:
         with monkeypatch.context() as patched:
-            patched.setattr(gforward.dial, "open_pump", _no_pump)
+            patched.setattr(gforward.dial, "open_pump", bug("no pump today"))
             assert refused(fwd)
         record = handler.find(logging.ERROR, "failed")
         assert record.exc_info is not None and "no pump today" in str(record.exc_info[1])
         assert echo_once(local_address(fwd), b"next") == b"next"
         stats = fwd.stats()
     assert (stats.tunnels_failed, stats.failures) == (1, {"internal": 1})
-
-
-def _no_pump(*args: object) -> None:
-    raise RuntimeError("no pump today")
 
 
 @BOTH_DIALS
@@ -626,14 +623,11 @@ def test_a_bug_before_a_tunnel_dials_ends_that_tunnel_only(
     end, the tunnel is counted failed ("internal") and no longer open, its traceback is
     logged, nothing reaches the hub, and the next tunnel works."""
     logger, handler = log
-
-    def broken(*args: object) -> None:
-        raise RuntimeError("no handshake today")
-
     with HubErrors() as hub, forward(daemon.url.replace("127.0.0.1", host), echo_server,
                                      logger=logger) as fwd:
         with monkeypatch.context() as patched:
-            patched.setattr(gforward.proto.handshake.Upgrade, "handshake", broken)
+            patched.setattr(gforward.proto.handshake.Upgrade, "handshake",
+                            bug("no handshake today"))
             assert refused(fwd)
         record = handler.find(logging.ERROR, "failed")
         assert record.exc_info is not None and "no handshake today" in str(record.exc_info[1])
@@ -651,11 +645,7 @@ def test_a_bug_in_making_a_dial_error_counts_the_tunnel_once(
     """The event-driven dial fails and its error cannot be made (a bug, injected here), at
     once or from a watcher: the client sees the end, and past the dial's timeout the tunnel
     is still counted once, failed "internal", not open, with nothing in the hub."""
-
-    def broken(*args: object) -> BaseException:
-        raise RuntimeError("no error today")
-
-    monkeypatch.setattr(gforward.opener, "failure", broken)
+    monkeypatch.setattr(gforward.opener, "failure", bug("no error today"))
     url = (f"unix://{os.path.join(short_tmp, 'nobody.sock')}" if daemon == "missing unix socket"
            else f"http://127.0.0.1:{closed_port()}")
     with HubErrors() as hub, forward(url, dial_timeout=0.3) as fwd:
@@ -664,6 +654,7 @@ def test_a_bug_in_making_a_dial_error_counts_the_tunnel_once(
         stats = fwd.stats()
     assert (stats.tunnels_open, stats.tunnels_failed, stats.failures) == (0, 1, {"internal": 1})
     assert not hub.errors, hub.errors
+
 
 @BOTH_DIALS
 def test_a_bug_with_the_frames_read_along_with_the_101_ends_that_tunnel_only(
@@ -679,10 +670,7 @@ def test_a_bug_with_the_frames_read_along_with_the_101_ends_that_tunnel_only(
         peer.accept(then=encode_frame(OP_BINARY, b"early"))
         peer.wait_eof()
 
-    def broken(*args: object) -> int:
-        raise RuntimeError("cannot read frames today")
-
-    monkeypatch.setattr(Tunnel, "ws_data", broken)
+    monkeypatch.setattr(Tunnel, "ws_data", bug("cannot read frames today"))
     with HubErrors() as hub, FakeDaemon(early_frame) as fake:
         url = fake.url.replace("127.0.0.1", host)
         with gforward.start(base_url=url, vm_name="v", logger=logger,

@@ -26,7 +26,15 @@ from gforward.opener import CONNECT_RETRY, Opener
 from gforward.options import Options, settle
 from gforward.proto import frames, handshake
 from tests.peers.fake_daemon import FakeDaemon, Peer, Script, answer_then_wait, silent
-from tests.support import IO_TIMEOUT, MARGIN, HubErrors, blackhole, closed_port, wait_until
+from tests.support import (
+    IO_TIMEOUT,
+    MARGIN,
+    HubErrors,
+    blackhole,
+    bug,
+    closed_port,
+    wait_until,
+)
 
 WHERE = "the daemon"
 
@@ -227,12 +235,8 @@ def test_a_bug_in_making_the_error_ends_it_once_with_that_bug(
     """The dial's error cannot be made (a bug, injected here), whether the dial ends at once
     (inside start), from a watcher or from its timer: it ends once, with the bug, its
     socket closed, and no timer is left to end it again."""
-
-    def broken(*args: object) -> BaseException:
-        raise RuntimeError("no error today")
-
-    monkeypatch.setattr(gforward.opener, "failure", broken)
-    monkeypatch.setattr(gforward.opener, "timed_out", broken)
+    monkeypatch.setattr(gforward.opener, "failure", bug("no error today"))
+    monkeypatch.setattr(gforward.opener, "timed_out", bug("no error today"))
     with HubErrors() as hub, blackhole() as port:
         address = {
             "missing unix socket": (socket.AF_UNIX, os.path.join(short_tmp, "nobody.sock")),
