@@ -133,8 +133,7 @@ class Pump:
             self.tunnel.abort(reason)
             self._finish()
         elif self._timer is not None:  # lingering
-            self._timer.close()
-            self._timer = None
+            self._drop_timer()
             self._close_plain()
 
     # Callbacks, in the hub ----------------------------------------------------
@@ -220,8 +219,7 @@ class Pump:
         self._guarded(self._flush_ws)
 
     def _timer_fired(self) -> None:
-        self._timer.close()
-        self._timer = None
+        self._drop_timer()
         tunnel = self.tunnel
         try:
             backlog = self._ws_backlog()
@@ -236,6 +234,12 @@ class Pump:
             self._crash(exc)
             return
         self._after()
+
+    def _drop_timer(self) -> None:
+        """Close the one timer (it fired, or is not wanted any more)."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
@@ -374,9 +378,7 @@ class Pump:
         reset (its upload was cut) comes after the whole reply.  A side gone meanwhile, or
         one that acknowledges nothing for LINGER_STALL seconds, is closed then.  A unix
         socket's peer already holds what was sent: it closes at once."""
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
+        self._drop_timer()
         now, unsent = _monotonic(), _unsent(self._plain)
         if unsent != left:  # progress; the looks go on backing off (closing late is free)
             since = now
